@@ -1,0 +1,37 @@
+"""Shared pytest setup: absl flags parsed, persistent JAX compilation cache, tiny defaults."""
+
+import os
+
+from absl import flags
+import jax
+
+# Library code reads absl flags (grain does too); pytest never runs absl.app.run.
+flags.FLAGS.mark_as_parsed()
+
+# JAX compiles are the slowest part of the suite on CPU: reuse them across runs.
+_CACHE = os.environ.get(
+    "VIGFACE_TEST_JAX_CACHE",
+    os.path.join(os.path.expanduser("~"), ".cache", "vigface_jax_test_xla"),
+)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+import pathlib
+
+import pytest
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_testdata() -> pathlib.Path:
+  """`../shared/testdata` (files written by real MXNet); VIGFACE_SHARED overrides `../shared`."""
+  shared = pathlib.Path(os.environ.get("VIGFACE_SHARED", _REPO.parent / "shared"))
+  path = shared / "testdata"
+  if not path.is_dir():
+    msg = f"shared test data not found at {path}; set VIGFACE_SHARED=<dir holding testdata/>"
+    if os.environ.get("CI"):
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return path

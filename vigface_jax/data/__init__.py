@@ -1,0 +1,1 @@
+"""Data: grain sources (procedural faces, ...), landmarks, verification pairs, pipelines."""

@@ -1,0 +1,1 @@
+"""Evaluation: verification `.bin` protocol, baselines, dataset metrics."""
