@@ -1,0 +1,407 @@
+"""grain input pipeline: any face source -> sharded global `jax.Array` batches.
+
+Every source (procedural faces, RecordIO, image folders, ...) yields elements
+that `Decode` brings to one element spec, `ELEMENT_SPEC`:
+
+  `image`          uint8 `[112, 112, 3]`, RGB, ArcFace-aligned crop.
+  `label`          int32 scalar, the class (identity) index.
+  `landmarks`      float32 `[5, 2]`, (x, y) in the 112x112 aligned frame, in
+                   ArcFace order (left eye, right eye, nose, left mouth, right
+                   mouth). All zeros when the source has none.
+  `has_landmarks`  bool scalar; False when `landmarks` is only a placeholder.
+
+Zeros rather than NaN for missing landmarks: a NaN that reaches a jitted
+function through a masked-out branch still poisons gradients
+(`where(mask, f(nan), 0)` differentiates `f` at NaN), zeros never do; use
+`has_landmarks` to mask.
+
+The pipeline per process is
+`IndexSampler (seeded, sharded by JAX process) -> Decode -> RandomFlip ->
+Batch(global_batch / processes)`, optionally prefetched by worker processes;
+`GlobalBatchIterator` turns each per-process batch into global arrays sharded
+over the mesh's batch axes and exposes the grain iterator state, which the
+trainer checkpoints so a resumed run sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from absl import logging
+import grain
+import jax
+from jax.sharding import Mesh
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from vigface_jax import parallel
+from vigface_jax.data import landmarks as landmarks_lib
+
+IMAGE_SIZE = landmarks_lib.IMAGE_SIZE
+NUM_LANDMARKS = landmarks_lib.NUM_LANDMARKS
+
+# Shape and dtype of every field of one decoded element (batches add a leading
+# `[batch]` dimension).
+ELEMENT_SPEC: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+    "image": ((IMAGE_SIZE, IMAGE_SIZE, 3), np.dtype(np.uint8)),
+    "label": ((), np.dtype(np.int32)),
+    "landmarks": ((NUM_LANDMARKS, 2), np.dtype(np.float32)),
+    "has_landmarks": ((), np.dtype(np.bool_)),
+}
+
+
+def batch_spec(
+    global_batch_size: int,
+    mesh: Mesh | None = None,
+    rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """`jax.ShapeDtypeStruct`s of one global batch, for `jax.eval_shape`/AOT.
+
+  Args:
+    global_batch_size: examples per step over all processes.
+    mesh: if given, the structs carry the batch sharding on `mesh`.
+    rules: logical-axis rules giving that sharding.
+
+  Returns:
+    A dict with the keys of `ELEMENT_SPEC`, shapes `[batch, ...]`.
+  """
+  sharding = None if mesh is None else parallel.batch_sharding(mesh, rules)
+  return {
+      key: jax.ShapeDtypeStruct((global_batch_size,) + shape, dtype,
+                                sharding=sharding)
+      for key, (shape, dtype) in ELEMENT_SPEC.items()
+  }
+
+
+def _element_name(element: Mapping[str, Any]) -> str:
+  for field in ("key", "index", "path"):
+    if field in element:
+      return f"{field}={element[field]!r}"
+  return "<element without key/index>"
+
+
+class Decode(grain.transforms.Map):
+  """Brings a source element to `ELEMENT_SPEC` (decoding encoded images).
+
+  Accepts either `image` (an array) or `image_bytes` (encoded JPEG/PNG, as
+  RecordIO and `.bin` files store them). Missing landmarks become zeros with
+  `has_landmarks=False`. Fields outside the spec (`key`, `path`, ...) are
+  dropped so that elements of any source batch to the same structure. Errors
+  name the element's `key`/`index`/`path` field when it has one.
+  """
+
+  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    name = _element_name(element)
+    if element.get("image_bytes") is not None:
+      image = self._decode(element["image_bytes"], name)
+    elif "image" in element:
+      image = np.asarray(element["image"])
+    else:
+      raise ValueError(
+          f"Element {name} has neither 'image' nor 'image_bytes'; sources "
+          f"must yield one of them (keys: {sorted(element)})."
+      )
+    image = self._check_image(image, name)
+
+    if "label" not in element:
+      raise ValueError(f"Element {name} has no 'label'.")
+    label = np.asarray(element["label"])
+    if label.size != 1 or not np.issubdtype(label.dtype, np.integer):
+      raise ValueError(
+          f"Element {name}: 'label' must be one integer, got {label!r}."
+      )
+
+    points = element.get("landmarks")
+    if points is None:
+      points = np.zeros((NUM_LANDMARKS, 2), np.float32)
+      has_landmarks = False
+    else:
+      points = np.asarray(points, np.float32)
+      if points.shape != (NUM_LANDMARKS, 2):
+        raise ValueError(
+            f"Element {name}: 'landmarks' must have shape [5, 2], got "
+            f"{points.shape}."
+        )
+      has_landmarks = bool(element.get("has_landmarks", True))
+    return {
+        "image": image,
+        "label": label.reshape(()).astype(np.int32),
+        "landmarks": points,
+        "has_landmarks": np.bool_(has_landmarks),
+    }
+
+  @staticmethod
+  def _decode(data: bytes, name: str) -> np.ndarray:
+    try:
+      with Image.open(io.BytesIO(bytes(data))) as img:
+        return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+      raise ValueError(
+          f"Element {name}: could not decode 'image_bytes' "
+          f"({len(data)} bytes, starting {bytes(data[:8])!r}) as JPEG/PNG: "
+          f"{e}. Check that the source stores encoded images."
+      ) from e
+
+  @staticmethod
+  def _check_image(image: np.ndarray, name: str) -> np.ndarray:
+    expected = ELEMENT_SPEC["image"][0]
+    if image.shape != expected:
+      raise ValueError(
+          f"Element {name}: image has shape {image.shape}, expected "
+          f"{list(expected)} (RGB, ArcFace-aligned 112x112). Align/resize the "
+          "faces first."
+      )
+    if image.dtype != np.uint8:
+      # Float images in [0, 1] would silently become black; refuse them.
+      if not np.issubdtype(image.dtype, np.integer) or (
+          image.min() < 0 or image.max() > 255
+      ):
+        raise ValueError(
+            f"Element {name}: image dtype {image.dtype} with range "
+            f"[{image.min()}, {image.max()}]; expected uint8 in [0, 255]."
+        )
+      image = image.astype(np.uint8)
+    return image
+
+
+class RandomFlip(grain.transforms.RandomMap):
+  """Horizontal flip with probability `p`, landmarks flipped with the image.
+
+  A mirrored face's left eye is the original right eye, so landmarks are
+  mirrored and their left/right entries swapped
+  (`vigface_jax.data.landmarks.flip_landmarks`). Placeholder landmarks
+  (`has_landmarks=False`) are left as zeros.
+  """
+
+  def __init__(self, p: float = 0.5):
+    if not 0.0 <= p <= 1.0:
+      raise ValueError(f"flip_prob={p} must be in [0, 1].")
+    self.p = p
+
+  def random_map(
+      self, element: dict[str, np.ndarray], rng: np.random.Generator
+  ) -> dict[str, np.ndarray]:
+    # Draw even when p is 0 or 1 so the stream of draws does not depend on p.
+    if rng.random() >= self.p:
+      return element
+    element = dict(element)
+    element["image"] = np.ascontiguousarray(element["image"][:, ::-1])
+    if element["has_landmarks"]:
+      element["landmarks"] = np.asarray(
+          landmarks_lib.flip_landmarks(element["landmarks"], width=IMAGE_SIZE),
+          np.float32,
+      )
+    return element
+
+
+def make_loader(
+    source: grain.sources.RandomAccessDataSource,
+    *,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    worker_buffer_size: int = 2,
+    flip_prob: float = 0.5,
+    drop_remainder: bool = True,
+    shard_options: grain.sharding.ShardOptions | None = None,
+) -> grain.DataLoader:
+  """A deterministic grain `DataLoader` yielding this process's batches.
+
+  Args:
+    source: random-access source (`len`, `[i]`) of elements `Decode` accepts.
+    global_batch_size: examples per step over all processes; each process
+      batches `global_batch_size / shard_count` of them.
+    seed: shuffle and augmentation seed (non-negative, 32 bits). Augmentation
+      randomness is keyed by position in the sampled stream, so it does not
+      depend on `worker_count`.
+    shuffle: globally shuffle the records (per epoch).
+    num_epochs: passes over the data; None repeats forever.
+    worker_count: worker processes for decoding/augmentation (0: in-process).
+      The iterator state records it, so resume with the same value.
+    worker_buffer_size: batches each worker prepares ahead.
+    flip_prob: probability of a horizontal flip.
+    drop_remainder: drop the last incomplete batch of a finite run.
+    shard_options: how records are split between processes; defaults to
+      `grain.sharding.ShardByJaxProcess(drop_remainder=True)`.
+
+  Returns:
+    A `grain.DataLoader`; `iter()` gives a `DataLoaderIterator` of dicts of
+    numpy arrays `[process_batch, ...]` following `ELEMENT_SPEC`.
+  """
+  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise ValueError(
+        f"seed={seed!r} must be an integer in [0, 2**32) (data.seed)."
+    )
+  if shard_options is None:
+    shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  if global_batch_size <= 0 or global_batch_size % shard_options.shard_count:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} must be a positive multiple "
+        f"of the number of data shards ({shard_options.shard_count}, one per "
+        "JAX process)."
+    )
+  local_batch_size = global_batch_size // shard_options.shard_count
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source),
+      shard_options=shard_options,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      seed=int(seed),
+  )
+  operations = [
+      Decode(),
+      RandomFlip(flip_prob),
+      grain.transforms.Batch(local_batch_size, drop_remainder=drop_remainder),
+  ]
+  logging.info(
+      "grain loader: %d records, shard %d/%d, batch %d per process "
+      "(%d global), %d workers.",
+      len(source), shard_options.shard_index, shard_options.shard_count,
+      local_batch_size, global_batch_size, worker_count,
+  )
+  return grain.DataLoader(
+      data_source=source,
+      sampler=sampler,
+      operations=operations,
+      worker_count=worker_count,
+      worker_buffer_size=worker_buffer_size,
+      shard_options=shard_options,
+  )
+
+
+class GlobalBatchIterator(Iterator[dict[str, jax.Array]]):
+  """Yields global batches, sharded over the batch axes of a mesh.
+
+  Each `next()` takes one per-process batch from the grain loader and
+  assembles the global `jax.Array`s with `parallel.host_to_global` (leading
+  dimension `global_batch_size`, split as `parallel.batch_sharding(mesh)`).
+  `get_state()` is the grain iterator state after the last batch returned;
+  `set_state()` on a fresh iterator over the same loader continues exactly
+  from there.
+  """
+
+  def __init__(
+      self,
+      loader: grain.DataLoader,
+      mesh: Mesh,
+      rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
+  ):
+    self._loader = loader
+    self._mesh = mesh
+    self._sharding = parallel.batch_sharding(mesh, rules)
+    self._iterator = iter(loader)
+
+  @property
+  def sharding(self) -> jax.sharding.NamedSharding:
+    return self._sharding
+
+  def __iter__(self) -> GlobalBatchIterator:
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    local = next(self._iterator)
+    return parallel.host_to_global(local, self._mesh, self._sharding)
+
+  def get_state(self) -> bytes:
+    """grain's serialized iterator state (JSON bytes) for checkpoints."""
+    return self._iterator.get_state()
+
+  def set_state(self, state: bytes) -> None:
+    """Restores a state from `get_state()` (same loader settings required)."""
+    self._iterator.set_state(state)
+
+
+def _procedural_source(data_config: Any) -> grain.sources.RandomAccessDataSource:
+  from vigface_jax.data import faces  # pylint: disable=g-import-not-at-top
+
+  return faces.ProceduralFaceSource(
+      seed=data_config.seed,
+      num_identities=data_config.num_identities,
+      images_per_identity=data_config.images_per_identity,
+      identity_offset=data_config.get("identity_offset", 0),
+  )
+
+
+# `data.source` name -> factory taking the data ConfigDict. Factories import
+# their module lazily so an unused source costs nothing (and its optional
+# dependencies need not be installed).
+SOURCES: dict[str, Callable[[Any], grain.sources.RandomAccessDataSource]] = {
+    "procedural": _procedural_source,
+}
+
+
+def build_source(data_config: Any) -> grain.sources.RandomAccessDataSource:
+  """Builds the source named by `data_config.source` (see `SOURCES`).
+
+  Args:
+    data_config: the `config.data` ConfigDict. For `'procedural'`: `seed`,
+      `num_identities`, `images_per_identity`, optional `identity_offset`.
+
+  Returns:
+    A random-access source of elements `Decode` accepts.
+
+  Raises:
+    ValueError: if `data.source` is missing or unknown.
+  """
+  name = data_config.get("source") if hasattr(data_config, "get") else None
+  if name not in SOURCES:
+    raise ValueError(
+        f"data.source={name!r} is not a known source; choose one of "
+        f"{sorted(SOURCES)}."
+    )
+  return SOURCES[name](data_config)
+
+
+def _required(data_config: Any, field: str) -> Any:
+  if data_config.get(field) is None:
+    raise ValueError(f"data.{field} must be set in the config.")
+  return data_config[field]
+
+
+def make_pipeline(
+    config: Any,
+    mesh: Mesh,
+    rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
+) -> GlobalBatchIterator:
+  """Source + loader + global batches, all from `config.data`.
+
+  Fields of `config.data` read here (besides the source's own, see
+  `build_source`):
+    source: which source to build (`SOURCES` key), e.g. 'procedural'.
+    global_batch_size: examples per step over all processes; a multiple of
+      the process count and of the devices the batch axis spans.
+    seed: shuffle/augmentation seed, an integer in [0, 2**32).
+    shuffle: globally shuffle records each epoch (default True).
+    num_epochs: passes over the data, None for endless (default None).
+    worker_count: grain worker processes, 0 for in-process (default 0).
+    worker_buffer_size: batches prepared ahead per worker (default 2).
+    flip_prob: horizontal-flip probability (default 0.5).
+
+  Args:
+    config: the experiment ConfigDict (must have `config.data`).
+    mesh: the device mesh the batches are sharded over.
+    rules: logical-axis rules; `batch` gives the batch sharding.
+
+  Returns:
+    A `GlobalBatchIterator` whose state the trainer checkpoints.
+  """
+  data = config.data
+  global_batch_size = _required(data, "global_batch_size")
+  # Fails early, with the mesh in the message, rather than inside
+  # make_array_from_process_local_data on the first batch.
+  parallel.process_batch_size(global_batch_size, mesh, rules)
+  loader = make_loader(
+      build_source(data),
+      global_batch_size=global_batch_size,
+      seed=_required(data, "seed"),
+      shuffle=data.get("shuffle", True),
+      num_epochs=data.get("num_epochs", None),
+      worker_count=data.get("worker_count", 0),
+      worker_buffer_size=data.get("worker_buffer_size", 2),
+      flip_prob=data.get("flip_prob", 0.5),
+  )
+  return GlobalBatchIterator(loader, mesh, rules)
