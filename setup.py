@@ -26,7 +26,7 @@ setuptools.setup(
     install_requires=_requirements(),
     extras_require={
         # Test-only dependencies; never imported by library code.
-        "test": ["pytest==9.0.3", "pytest-xdist==3.8.0"],
+        "test": ["pytest==9.0.3"],
     },
     license="Apache-2.0",
 )

@@ -341,6 +341,9 @@ def write_bin(path: PathLike, images: np.ndarray, issame: Sequence[bool] | np.nd
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())  # the rename must not become visible before the data
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a pack is an ordinary shared file
       os.replace(tmp, path_str)
     except BaseException:
       if os.path.exists(tmp):

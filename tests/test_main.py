@@ -1,0 +1,91 @@
+"""The entry point, config handling, metric files and the preview task (the main job)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import preview as preview_config
+from vigface_jax import config_lib
+from vigface_jax import main as main_lib
+from vigface_jax import metrics
+from vigface_jax.data import landmarks
+from vigface_jax.evaluate import verification
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_parse_arg_variants_and_types():
+  args = config_lib.parse_arg("tiny", variant="default", n=1, flag=False)
+  assert args.variant == "tiny" and args.n == 1
+  args = config_lib.parse_arg("variant=x,n=3,flag=true", variant="default", n=1, flag=False)
+  assert (args.variant, args.n, args.flag) == ("x", 3, True)
+  with pytest.raises(ValueError, match="unknown config argument 'bogus'"):
+    config_lib.parse_arg("bogus=1", variant="default")
+
+
+def test_unknown_task_and_missing_required_field_are_named(monkeypatch):
+  config = preview_config.get_config("tiny")
+  config.task = "nope"
+  with pytest.raises(main_lib.ConfigError, match=r"unknown task config.task='nope'.*preview"):
+    main_lib.resolve_task(config)
+  config.task = "preview"
+  monkeypatch.setattr("vigface_jax.preview.REQUIRED_FIELDS", ("pairs.num_pairs", "data.path"),
+                      raising=False)
+  with pytest.raises(main_lib.ConfigError, match="'data.path' is missing"):
+    main_lib.resolve_task(config)
+  config.unlock()
+  config.data = {"path": None}
+  with pytest.raises(main_lib.ConfigError,
+                     match=r"'data.path' is required for task 'preview'.*--config.data.path="):
+    main_lib.resolve_task(config)
+
+
+def test_metric_writer_and_summary(tmp_path):
+  with metrics.MetricWriter(tmp_path) as writer:
+    writer.write_scalars(3, {"loss": np.float32(0.5), "acc": 1, "skip": [1, 2]})
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert json.loads(lines[0]) == {"step": 3, "loss": 0.5, "acc": 1}
+  assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
+  metrics.write_summary(tmp_path, {"x": np.float64(2.5), "nan": float("nan"), "v": np.arange(2)})
+  assert json.loads((tmp_path / "summary.json").read_text()) == {"x": 2.5, "nan": None,
+                                                                "v": [0, 1]}
+
+
+def test_preview_main_job_writes_sheet_pack_and_summary(tmp_path):
+  config = preview_config.get_config("tiny")
+  summary = main_lib.run(config, str(tmp_path))
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["task"] == "preview" and saved["pairs"]["num_pairs"] == 40
+  sheet = np.asarray(Image.open(tmp_path / "contact_sheet.png"))
+  rows, cols = config.sheet.num_identities, len(config.sheet.yaws)
+  assert sheet.shape == (rows * 114, cols * 226, 3)
+  # Right half of each cell is a landmark image: black with pure-coloured diamonds.
+  cell = sheet[:112, 112:224]
+  assert set(map(tuple, cell.reshape(-1, 3))) <= {(0, 0, 0)} | set(
+      map(tuple, landmarks.LANDMARK_COLOURS))
+  images, issame = verification.load_bin(tmp_path / "verification" / "procedural.bin")
+  assert images.shape == (80, 112, 112, 3) and issame.sum() == 20
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  assert on_disk["num_pairs"] == 40 == summary["num_pairs"]
+  for name in ("raw_pixels", "random_network"):
+    assert 0.0 <= on_disk[f"baseline/{name}/accuracy"] <= 1.0
+  assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_command_line_errors_are_one_readable_line(tmp_path):
+  base = [sys.executable, "-m", "vigface_jax.main", "--config=configs/preview.py:tiny",
+          f"--workdir={tmp_path}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(base + ["--config.pairs.num_pair=3"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "unknown config field 'num_pair'" in proc.stderr
+  assert 'Did you mean "num_pairs"' in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "config.json").exists()

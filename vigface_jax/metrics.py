@@ -1,0 +1,106 @@
+"""What every job leaves in its workdir (DESIGN §5): metrics.jsonl, TensorBoard events, summary.
+
+Only process 0 writes; on other processes every method is a no-op, so callers never branch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import numpy as np
+
+
+def _scalar(value: Any) -> float | int | None:
+  """A JSON/TensorBoard scalar from a Python, numpy or 0-d jax value (None if not scalar)."""
+  if isinstance(value, (bool, np.bool_)):
+    return int(value)
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return float(value)
+  if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+    return _scalar(np.asarray(value).item())
+  return None
+
+
+def _json_ready(value: Any) -> Any:
+  """Converts numpy/jax values inside nested containers to plain Python for json.dump."""
+  scalar = _scalar(value)
+  if scalar is not None:
+    return None if isinstance(scalar, float) and not math.isfinite(scalar) else scalar
+  if isinstance(value, Mapping):
+    return {str(k): _json_ready(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_ready(v) for v in value]
+  if isinstance(value, (np.ndarray, jax.Array)):
+    return _json_ready(np.asarray(value).tolist())
+  return value
+
+
+def write_json(path: str | os.PathLike, content: Any) -> None:
+  """Writes JSON atomically (temp file + rename): a reader never sees half a file."""
+  tmp = f"{os.fspath(path)}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(_json_ready(content), f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+class MetricWriter:
+  """Scalars to `metrics.jsonl`, TensorBoard event files and the log, from process 0 only."""
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.workdir = os.fspath(workdir)
+    self.enabled = jax.process_index() == 0
+    self._tb = None
+    self._jsonl = None
+    if self.enabled:
+      os.makedirs(self.workdir, exist_ok=True)
+      # Imported here: tensorboardX pulls in protobuf, which pure data jobs need not load.
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(logdir=self.workdir)
+      self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Logs `scalars` (name → number) at `step`; non-scalar values are skipped."""
+    if not self.enabled:
+      return
+    clean = {k: s for k, v in scalars.items() if (s := _scalar(v)) is not None}
+    for name, value in clean.items():
+      self._tb.add_scalar(name, value, global_step=step)
+    self._jsonl.write(json.dumps(_json_ready({"step": int(step), **clean})) + "\n")
+    self._jsonl.flush()
+    logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in clean.items()))
+
+  def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+    """Logs a uint8 `[height, width, 3]` image to TensorBoard."""
+    if self.enabled:
+      self._tb.add_image(name, np.asarray(image), global_step=step, dataformats="HWC")
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._tb.flush()
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled and self._tb is not None:
+      self._tb.close()
+      self._jsonl.close()
+      self._tb = None
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def write_summary(workdir: str | os.PathLike, summary: Mapping[str, Any]) -> None:
+  """Writes the job's final figures to `summary.json` (process 0 only)."""
+  if jax.process_index() == 0:
+    write_json(os.path.join(os.fspath(workdir), "summary.json"), summary)
