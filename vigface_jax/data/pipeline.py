@@ -208,6 +208,7 @@ def make_loader(
     flip_prob: float = 0.5,
     drop_remainder: bool = True,
     shard_options: grain.sharding.ShardOptions | None = None,
+    read_threads: int | None = 0,
 ) -> grain.DataLoader:
   """A deterministic grain `DataLoader` yielding this process's batches.
 
@@ -227,6 +228,10 @@ def make_loader(
     drop_remainder: drop the last incomplete batch of a finite run.
     shard_options: how records are split between processes; defaults to
       `grain.sharding.ShardByJaxProcess(drop_remainder=True)`.
+    read_threads: threads reading records in each process (`grain.ReadOptions`),
+      None for grain's default (16). 0 suits CPU-bound sources such as the
+      procedural faces, whose GIL-bound rendering runs 3-4x slower with 16
+      threads (BENCHMARKS.md); sources waiting on disk or a bucket want more.
 
   Returns:
     A `grain.DataLoader`; `iter()` gives a `DataLoaderIterator` of dicts of
@@ -270,6 +275,8 @@ def make_loader(
       worker_count=worker_count,
       worker_buffer_size=worker_buffer_size,
       shard_options=shard_options,
+      read_options=(None if read_threads is None
+                    else grain.ReadOptions(num_threads=int(read_threads))),
   )
 
 
@@ -380,6 +387,8 @@ def make_pipeline(
     worker_count: grain worker processes, 0 for in-process (default 0).
     worker_buffer_size: batches prepared ahead per worker (default 2).
     flip_prob: horizontal-flip probability (default 0.5).
+    read_threads: record-reading threads per process (default 0; see
+      `make_loader`).
 
   Args:
     config: the experiment ConfigDict (must have `config.data`).
@@ -403,5 +412,6 @@ def make_pipeline(
       worker_count=data.get("worker_count", 0),
       worker_buffer_size=data.get("worker_buffer_size", 2),
       flip_prob=data.get("flip_prob", 0.5),
+      read_threads=data.get("read_threads", 0),
   )
   return GlobalBatchIterator(loader, mesh, rules)
