@@ -154,9 +154,14 @@ def test_resume_from_state_continues_exactly(worker_count):
   state = iterator.get_state()
   expected = _take(iterator, 3)
 
-  resumed = make_iterator()
-  resumed.set_state(state)
-  _assert_batches_equal(_take(resumed, 3), expected)
+  iterator.close()
+  iterator.close()  # idempotent
+
+  with make_iterator() as resumed:
+    resumed.set_state(state)
+    _assert_batches_equal(_take(resumed, 3), expected)
+  with pytest.raises(ValueError):  # closed: grain refuses further batches
+    next(resumed)
 
 
 def test_make_pipeline_from_config(monkeypatch):

@@ -222,7 +222,9 @@ def make_loader(
     shuffle: globally shuffle the records (per epoch).
     num_epochs: passes over the data; None repeats forever.
     worker_count: worker processes for decoding/augmentation (0: in-process).
-      The iterator state records it, so resume with the same value.
+      The iterator state records it, so resume with the same value. Worker k
+      batches records k, k + w, ... of the sampled stream, so changing it
+      regroups the same records into different batches.
     worker_buffer_size: batches each worker prepares ahead.
     flip_prob: probability of a horizontal flip.
     drop_remainder: drop the last incomplete batch of a finite run.
@@ -320,6 +322,23 @@ class GlobalBatchIterator(Iterator[dict[str, jax.Array]]):
   def set_state(self, state: bytes) -> None:
     """Restores a state from `get_state()` (same loader settings required)."""
     self._iterator.set_state(state)
+
+  def close(self) -> None:
+    """Stops grain's worker processes and frees their shared memory (idempotent).
+
+    Garbage collection would do it eventually; at interpreter exit it may not, and grain
+    then warns about leaked shared-memory blocks.
+    """
+    # DataLoaderIterator has no close() of its own; its dataset iterator does.
+    inner = getattr(self._iterator, "_iterator", None)
+    if inner is not None and hasattr(inner, "close"):
+      inner.close()
+
+  def __enter__(self) -> GlobalBatchIterator:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def _procedural_source(data_config: Any) -> grain.sources.RandomAccessDataSource:
