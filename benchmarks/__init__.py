@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that time our code next to a reference and write BENCHMARKS.md."""
