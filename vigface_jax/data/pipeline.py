@@ -355,8 +355,16 @@ def _procedural_source(data_config: Any) -> grain.sources.RandomAccessDataSource
 # `data.source` name -> factory taking the data ConfigDict. Factories import
 # their module lazily so an unused source costs nothing (and its optional
 # dependencies need not be installed).
+def _arrayrecord_source(data_config: Any) -> grain.sources.RandomAccessDataSource:
+  from vigface_jax.data import arrayrecord  # pylint: disable=g-import-not-at-top
+
+  return arrayrecord.ArrayRecordSource(_required(data_config, "path"),
+                                       split=data_config.get("split", "train"))
+
+
 SOURCES: dict[str, Callable[[Any], grain.sources.RandomAccessDataSource]] = {
     "procedural": _procedural_source,
+    "arrayrecord": _arrayrecord_source,
 }
 
 
