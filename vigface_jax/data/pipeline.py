@@ -362,9 +362,18 @@ def _arrayrecord_source(data_config: Any) -> grain.sources.RandomAccessDataSourc
                                        split=data_config.get("split", "train"))
 
 
+def _imagefolder_source(data_config: Any) -> grain.sources.RandomAccessDataSource:
+  from vigface_jax.data import imagefolder  # pylint: disable=g-import-not-at-top
+
+  return imagefolder.ImageFolderSource(
+      _required(data_config, "path"), landmarks_file=data_config.get("landmarks_file"),
+      on_error=data_config.get("on_error", "raise"), align=data_config.get("align", False))
+
+
 SOURCES: dict[str, Callable[[Any], grain.sources.RandomAccessDataSource]] = {
     "procedural": _procedural_source,
     "arrayrecord": _arrayrecord_source,
+    "imagefolder": _imagefolder_source,
 }
 
 
