@@ -108,3 +108,33 @@ def test_command_line(tmp_path):
       [sys.executable, "-m", "vigface_jax.convert", "arrayrecord", "--src=/nonexistent.txt",
        f"--out={out}"], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and "neither a .rec file" in proc.stderr
+
+
+def test_image_folder_with_landmark_file_converts_with_its_landmarks(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from vigface_jax.data import landmark_files  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "folder"
+  rendered = {}
+  for ident in ("bob", "alice"):
+    (src / ident).mkdir(parents=True)
+    for j in range(2):
+      image, points = faces.render_face(1, len(rendered), j)
+      Image.fromarray(image).save(src / ident / f"{j}.png")
+      rendered[f"{ident}/{j}.png"] = (image, points)
+  marked = {k: v[1] for k, v in rendered.items() if k != "bob/1.png"}
+  landmark_files.write_landmarks(tmp_path / "lmk.txt", marked)
+  out = tmp_path / "ar"
+  convert.convert_arrayrecord(str(src), str(out), landmarks=str(tmp_path / "lmk.txt"))
+  source = arrayrecord.ArrayRecordSource(out)
+  assert len(source) == 4 and source.num_classes == 2
+  # Sorted folders: alice = 0, bob = 1; files sorted inside.
+  keys = ["alice/0.png", "alice/1.png", "bob/0.png", "bob/1.png"]
+  for i, key in enumerate(keys):
+    element = pipeline.Decode().map(source[i])
+    assert element["label"] == (0 if key.startswith("alice") else 1)
+    np.testing.assert_array_equal(element["image"], rendered[key][0])  # PNG bytes kept as is
+    if key in marked:
+      assert element["has_landmarks"]
+      np.testing.assert_array_equal(element["landmarks"], marked[key])
+    else:
+      assert not element["has_landmarks"]
