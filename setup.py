@@ -26,7 +26,9 @@ setuptools.setup(
     install_requires=_requirements(),
     extras_require={
         # Test-only dependencies; never imported by library code.
-        "test": ["pytest==9.0.3"],
+        # facenet-pytorch (for its O-Net weights file) must be installed with --no-deps: its
+        # own requirements would replace torch; README's install command does that.
+        "test": ["pytest==9.0.3", "torch==2.13.0", "scikit-image==0.26.0"],
     },
     license="Apache-2.0",
 )

@@ -1,0 +1,1 @@
+"""Models: networks ported to Flax NNX (MTCNN's O-Net for five-point landmarks, ...)."""
