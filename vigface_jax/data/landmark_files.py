@@ -39,7 +39,7 @@ import os
 import posixpath
 import re
 import tempfile
-from typing import Union
+from typing import Any, Union
 
 from absl import logging
 from etils import epath
@@ -175,6 +175,33 @@ def _format_number(value: float) -> str:
   return np.format_float_positional(np.float32(value), unique=True, trim="-")
 
 
+def format_line(key: Key, points: Any, path: PathLike = "<landmarks>") -> str:
+  """One line of the canonical format, `name x1 y1 ... x5 y5`, validated.
+
+  Raises:
+    ValueError: for a bad name, a shape other than `[5, 2]`, or non-finite
+      points (naming `path` and the entry).
+  """
+  name = str(key)
+  if not name or name.startswith("#") or any(c.isspace() for c in name):
+    raise ValueError(
+        f"write_landmarks({os.fspath(path)!r}): name {name!r} cannot be "
+        "written (empty, starts with '#', or contains whitespace)."
+    )
+  points = np.asarray(points, np.float32)
+  if points.shape != (NUM_LANDMARKS, 2):
+    raise ValueError(
+        f"write_landmarks({os.fspath(path)!r}): entry {name!r} has shape "
+        f"{points.shape}, expected [5, 2]."
+    )
+  if not np.isfinite(points).all():
+    raise ValueError(
+        f"write_landmarks({os.fspath(path)!r}): entry {name!r} has "
+        "non-finite points; leave the image out instead."
+    )
+  return " ".join([name] + [_format_number(v) for v in points.ravel()])
+
+
 def write_landmarks(
     path: PathLike,
     mapping: Mapping[Key, np.ndarray],
@@ -204,24 +231,7 @@ def write_landmarks(
   if header:
     lines.extend(f"# {h}".rstrip() for h in header.splitlines())
   for key, points in mapping.items():
-    name = str(key)
-    if not name or name.startswith("#") or any(c.isspace() for c in name):
-      raise ValueError(
-          f"write_landmarks({os.fspath(path)!r}): name {name!r} cannot be "
-          "written (empty, starts with '#', or contains whitespace)."
-      )
-    points = np.asarray(points, np.float32)
-    if points.shape != (NUM_LANDMARKS, 2):
-      raise ValueError(
-          f"write_landmarks({os.fspath(path)!r}): entry {name!r} has shape "
-          f"{points.shape}, expected [5, 2]."
-      )
-    if not np.isfinite(points).all():
-      raise ValueError(
-          f"write_landmarks({os.fspath(path)!r}): entry {name!r} has "
-          "non-finite points; leave the image out instead."
-      )
-    lines.append(" ".join([name] + [_format_number(v) for v in points.ravel()]))
+    lines.append(format_line(key, points, path))
   text = "\n".join(lines) + ("\n" if lines else "")
 
   if not is_local(path):

@@ -427,7 +427,8 @@ def _check_images(images: Any) -> np.ndarray:
 
 
 def predict_landmarks(
-    model: ONet, crops: Any, *, return_prob: bool = False
+    model: ONet, crops: Any, *, return_prob: bool = False,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """Five landmarks of the face in each crop, in the crop's pixel coordinates.
 
@@ -440,13 +441,16 @@ def predict_landmarks(
     model: a loaded `ONet`.
     crops: uint8 (or float in [0, 255]) RGB `[batch, height, width, 3]`.
     return_prob: also return O-Net's face probability.
+    sharding: where to place the batch, e.g. split over a mesh's data axis
+      so that every device runs part of it (the batch must divide evenly).
 
   Returns:
     float32 `[batch, 5, 2]` points `(x, y)` in ArcFace order, and with
     `return_prob` a float32 `[batch]` face probability.
   """
   crops = _check_images(crops)
-  points, prob = _predict(model, jnp.asarray(crops))
+  crops = jnp.asarray(crops) if sharding is None else jax.device_put(crops, sharding)
+  points, prob = _predict(model, crops)
   points = np.asarray(points, dtype=np.float32)
   if return_prob:
     return points, np.asarray(prob, dtype=np.float32)
@@ -459,6 +463,7 @@ def landmarks_for_aligned_faces(
     *,
     box: tuple[int, int, int] = ALIGNED_FACE_BOX,
     return_prob: bool = False,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """Five landmarks of already aligned faces, in the aligned frame.
 
@@ -472,6 +477,7 @@ def landmarks_for_aligned_faces(
     box: `(x0, y0, side)`: the crop covers columns `x0 ... x0 + side - 1` and
       rows `y0 ... y0 + side - 1`; pixels outside the image read black.
     return_prob: also return O-Net's face probability.
+    sharding: batch placement, as in `predict_landmarks`.
 
   Returns:
     float32 `[batch, 5, 2]` points `(x, y)` in ArcFace order, and with
@@ -490,7 +496,7 @@ def landmarks_for_aligned_faces(
     images = np.pad(images, pad)
   top, left = y0 + pad[1][0], x0 + pad[2][0]
   crops = images[:, top:top + side, left:left + side]
-  points, prob = predict_landmarks(model, crops, return_prob=True)
+  points, prob = predict_landmarks(model, crops, return_prob=True, sharding=sharding)
   points = points + np.array([x0, y0], dtype=np.float32)
   if return_prob:
     return points, prob
