@@ -138,3 +138,20 @@ def test_image_folder_with_landmark_file_converts_with_its_landmarks(tmp_path):
       np.testing.assert_array_equal(element["landmarks"], marked[key])
     else:
       assert not element["has_landmarks"]
+
+
+def test_mxnet_recordio_pack_converts_without_reencoding(shared_testdata, tmp_path):
+  from vigface_jax.data import recordio  # pylint: disable=g-import-not-at-top
+  rec = shared_testdata / "mxnet" / "insightface.rec"
+  expected = np.load(shared_testdata / "mxnet" / "expected.npz")
+  out = tmp_path / "ar"
+  summary = convert.convert_arrayrecord(str(rec), str(out))
+  source = arrayrecord.ArrayRecordSource(out)
+  original = recordio.RecordIOSource(rec, decode=False)
+  assert summary["num_examples"] == len(source) == len(expected["labels"])
+  assert source.num_classes == original.num_classes
+  for i in range(len(source)):
+    element = source[i]
+    assert element["image_bytes"] == original[i]["image_bytes"]  # stored bytes, not re-encoded
+    np.testing.assert_array_equal(pipeline.Decode().map(element)["image"], expected["images"][i])
+    assert element["label"] == expected["labels"][i]

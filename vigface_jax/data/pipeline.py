@@ -370,10 +370,20 @@ def _imagefolder_source(data_config: Any) -> grain.sources.RandomAccessDataSourc
       on_error=data_config.get("on_error", "raise"), align=data_config.get("align", False))
 
 
+def _recordio_source(data_config: Any) -> grain.sources.RandomAccessDataSource:
+  from vigface_jax.data import recordio  # pylint: disable=g-import-not-at-top
+
+  return recordio.RecordIOSource(
+      _required(data_config, "path"), label_file=data_config.get("label_file"),
+      bgr_to_rgb=data_config.get("bgr_to_rgb", False),
+      on_error=data_config.get("on_error", "raise"), decode=data_config.get("decode", True))
+
+
 SOURCES: dict[str, Callable[[Any], grain.sources.RandomAccessDataSource]] = {
     "procedural": _procedural_source,
     "arrayrecord": _arrayrecord_source,
     "imagefolder": _imagefolder_source,
+    "recordio": _recordio_source,
 }
 
 
