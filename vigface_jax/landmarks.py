@@ -8,20 +8,25 @@ r"""Five-point landmarks for aligned face data that has none (O-Net, sharded, re
 (`models.onet`, weights from the file facenet-pytorch ships: `onet.pt`, or our converted
 `.npz`) predicts the five points in that frame. Batches are split over all local devices
 (a data-parallel mesh); with several processes each takes an equal contiguous slice of the
-records. Progress is appended to `<out>.part<k>of<n>` after every batch, so a killed run picks
-up where it stopped; the finished file (`key x1 y1 ... x5 y5` per line, in source order, the
-format `data.landmark_files` reads) replaces `--out` atomically at the end.
+records. Progress is appended to `<out>.part<k>of<n>` after every batch (for a `gs://` output,
+to a local staging file named after it), so a killed run picks up where it stopped; at the end
+the parts are joined in source order (`key x1 y1 ... x5 y5` per line, the format
+`data.landmark_files` reads) and replace `--out` atomically. With several hosts, `--out` must be
+on storage they share (a bucket or a shared file system).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import tempfile
 from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 import tqdm
@@ -31,6 +36,13 @@ from vigface_jax import parallel
 
 
 def _part_path(out: str, index: int, count: int) -> str:
+  """Progress file of process `index`: beside `out`, or in a local staging folder when `out` is
+  remote (gs://), named after `out` so that a restarted run finds it again."""
+  if "://" in out:
+    digest = hashlib.sha1(out.encode()).hexdigest()[:16]
+    stage = os.path.join(tempfile.gettempdir(), "vigface_landmarks", digest)
+    os.makedirs(stage, exist_ok=True)
+    return os.path.join(stage, f"landmarks.part{index}of{count}")
   return f"{out}.part{index}of{count}"
 
 
@@ -68,7 +80,8 @@ def extract(src: str, out: str, weights: str, *, batch_size: int = 256,
 
   decode = pipeline.Decode()
   part = _part_path(out, index, count)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  if "://" not in out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   done = len(_done_keys(part))
   if done:
     logging.info("resuming %s: %d of %d records already done", part, done, hi - lo)
@@ -89,18 +102,27 @@ def extract(src: str, out: str, weights: str, *, batch_size: int = 256,
       bar.update(stop - start)
   bar.close()
 
+  # Every process publishes its part next to `out` (a shared file system or bucket when there
+  # are several hosts), then process 0 joins them in source order.
+  shared = [epath.Path(f"{out}.part{k}of{count}") for k in range(count)]
+  if os.fspath(shared[index]) != part:
+    with open(part) as part_file:
+      shared[index].write_text(part_file.read())
+    os.unlink(part)
   if count > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("vigface_jax.landmarks: all parts written")
   if index == 0:
-    tmp = f"{out}.tmp"
-    with open(tmp, "w") as f:
-      for k in range(count):
-        with open(_part_path(out, k, count)) as part_file:
-          f.write(part_file.read())
-    os.replace(tmp, out)
-    for k in range(count):
-      os.unlink(_part_path(out, k, count))
+    text = "".join(p.read_text() for p in shared)
+    if "://" in out:  # an object store publishes the object whole once the upload completes
+      epath.Path(out).write_text(text)
+    else:
+      tmp = f"{out}.tmp"
+      with open(tmp, "w") as f:
+        f.write(text)
+      os.replace(tmp, out)
+    for p in shared:
+      p.unlink()
     logging.info("wrote landmarks of %d images to %s", len(source), out)
   return {"out": out, "num_images": len(source), "devices": devices, "batch_size": batch_size}
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import tempfile
 from typing import Any, Iterable
 
 from absl import logging
@@ -88,6 +89,10 @@ def parse(record: bytes) -> dict[str, Any]:
   }
 
 
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in os.fspath(path)
+
+
 def shard_paths(data_dir: str | os.PathLike, split: str = "train") -> list[str]:
   """The shards of `split` in `data_dir`, in order; an error if none or some are missing."""
   root = epath.Path(data_dir)
@@ -145,6 +150,7 @@ def write_arrayrecord(elements: Iterable[dict[str, Any]], out_dir: str | os.Path
   num_shards = num_shards or max(1, -(-num_examples // 10_000))
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
+  staging = None if _is_local(out) else epath.Path(tempfile.mkdtemp(prefix="vigface_ar_"))
   bounds = np.linspace(0, num_examples, num_shards + 1).astype(int)
   final = [out / f"{name}-{split}.array_record-{i:05d}-of-{num_shards:05d}"
            for i in range(num_shards)]
@@ -152,7 +158,8 @@ def write_arrayrecord(elements: Iterable[dict[str, Any]], out_dir: str | os.Path
                       disable=not progress))
   labels_seen = 0
   for i, path in enumerate(final):
-    tmp = path.parent / f".{path.name}.tmp"
+    # The ArrayRecord writer needs a local file: a remote shard is staged, then uploaded.
+    tmp = (staging / path.name) if staging else path.parent / f".{path.name}.tmp"
     writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1")
     try:
       for _ in range(bounds[i + 1] - bounds[i]):
@@ -170,7 +177,11 @@ def write_arrayrecord(elements: Iterable[dict[str, Any]], out_dir: str | os.Path
       if isinstance(e, StopIteration):
         raise ValueError(f"the source ended before num_examples={num_examples}") from e
       raise
-    tmp.rename(path)
+    if staging:
+      path.write_bytes(tmp.read_bytes())
+      tmp.unlink()
+    else:
+      tmp.rename(path)
   template = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
   split_info = tfds.core.SplitInfo(
       name=split, shard_lengths=np.diff(bounds).tolist(), num_bytes=0,
