@@ -60,14 +60,12 @@ from PIL import Image, UnidentifiedImageError
 
 from vigface_jax.data import landmark_files
 from vigface_jax.data import landmarks as landmarks_lib
+from vigface_jax.data import skip
 
 IMAGE_SIZE = landmarks_lib.IMAGE_SIZE
 NUM_LANDMARKS = landmarks_lib.NUM_LANDMARKS
 ON_ERROR = ("raise", "skip")
 
-# A run of this many unreadable records in a row means a systematic problem
-# (wrong folder, unmounted disk), which skipping would only hide.
-_MAX_CONSECUTIVE_SKIPS = 100
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError,
                   Image.DecompressionBombError)
@@ -336,22 +334,13 @@ class ImageFolderSource:
           f"ImageFolderSource: record {index} outside [0, {len(self)}).")
     if self.on_error == "raise":
       return self._load(index)
-    first_error = None
-    for step in range(min(_MAX_CONSECUTIVE_SKIPS, len(self))):
-      candidate = (index + step) % len(self)
-      try:
-        return self._load(candidate)
-      except ValueError as e:
-        first_error = first_error or e
-        with self._lock:
-          self._num_skipped += 1
-          skipped = self._num_skipped
-        logging.warning("ImageFolderSource: skipping record %d (%d skipped in "
-                        "this process so far): %s", candidate, skipped, e)
-    raise ValueError(
-        f"ImageFolderSource: {min(_MAX_CONSECUTIVE_SKIPS, len(self))} records "
-        f"in a row from {index} are unreadable (on_error='skip'); first: "
-        f"{first_error}") from first_error
+    return skip.load_or_replace(self._load, index, len(self), errors=ValueError,
+                                name="ImageFolderSource", on_replace=self._count_skipped)
+
+  def _count_skipped(self) -> int:
+    with self._lock:
+      self._num_skipped += 1
+      return self._num_skipped
 
   def _read(self, path: str) -> bytes:
     try:

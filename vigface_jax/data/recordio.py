@@ -83,13 +83,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vigface_jax.data import landmark_files
+from vigface_jax.data import skip
 from vigface_jax.data.recordio_format import (  # pylint: disable=unused-import
     IMAGE_SIZE,
     NUM_LANDMARKS,
     ON_ERROR,
     LANDMARK_FLAG,
     PathLike,
-    _MAX_CONSECUTIVE_SKIPS,
     _DECODE_ERRORS,
     RecordIOError,
     _where,
@@ -385,22 +385,14 @@ class RecordIOSource:
       raise IndexError(f"RecordIOSource: record {index} outside [0, {len(self)}).")
     if self.on_error == "raise":
       return self._load(index, self.decode)
-    first_error = None
-    for step in range(min(_MAX_CONSECUTIVE_SKIPS, len(self))):
-      candidate = (index + step) % len(self)
-      try:
-        return self._load(candidate, self.decode)
-      except RecordIOError as e:
-        first_error = first_error or e
-        with self._lock:
-          self.num_replaced += 1
-        logging.warning("RecordIOSource: replacing record %d by the next one "
-                        "(%d replaced in this process; validate() drops such "
-                        "records up front): %s", candidate, self.num_replaced, e)
-    raise RecordIOError(
-        f"RecordIOSource: {min(_MAX_CONSECUTIVE_SKIPS, len(self))} records in a row "
-        f"from {index} are unreadable (on_error='skip'); first: {first_error}"
-    ) from first_error
+    return skip.load_or_replace(lambda i: self._load(i, self.decode), index, len(self),
+                                errors=RecordIOError, name="RecordIOSource",
+                                on_replace=self._count_replaced)
+
+  def _count_replaced(self) -> int:
+    with self._lock:
+      self.num_replaced += 1
+      return self.num_replaced
 
   def _load(self, index: int, decode: bool) -> dict[str, Any]:
     key, offset = int(self._keys[index]), int(self._offsets[index])

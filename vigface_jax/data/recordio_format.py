@@ -44,9 +44,6 @@ PathLike = Union[str, os.PathLike]
 _SCAN_BLOCK = 1 << 16
 # Bytes the scan reads per record: framing (8), IR header (24), first label.
 _SCAN_BYTES = 8 + IR_SIZE + 4
-# A run of this many unreadable records in a row means a systematic problem
-# (wrong file, BGR/format mix-up), which skipping would only hide.
-_MAX_CONSECUTIVE_SKIPS = 100
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError,
                   Image.DecompressionBombError)
 
