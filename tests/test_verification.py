@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from vigface_jax.data import codec
 from vigface_jax.evaluate import verification as ver
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ class _NumpyRunstring:
 def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, protocol):
   marker = tmp_path / "pwned"
   # The payload sits after a valid image, so refusal must happen mid-stream, before REDUCE.
-  valid = ver._encode(_smooth_images(1)[0], "PNG", 95)  # pylint: disable=protected-access
+  valid = codec.encode_image(_smooth_images(1)[0], "png")
   payload = pickle.dumps(([valid, _SystemCall(f"touch '{marker}'")], [True]),
                          protocol=protocol)
   # The payload is live: an unrestricted pickle.loads would create the marker.
@@ -324,7 +325,7 @@ def test_truncated_file_gives_clear_error(shared_testdata, tmp_path, keep):
 
 
 def _png(image):
-  return ver._encode(image, "PNG", 95)  # pylint: disable=protected-access
+  return codec.encode_image(image, "png")
 
 
 @pytest.mark.parametrize("obj,match", [
@@ -359,7 +360,7 @@ def test_undecodable_and_wrong_size_images(tmp_path):
   assert str(path) in str(info.value)
 
   # A truncated JPEG inside an otherwise valid pickle.
-  jpeg = ver._encode(_smooth_images(1)[0], "JPEG", 95)  # pylint: disable=protected-access
+  jpeg = codec.encode_image(_smooth_images(1)[0], "jpeg")
   path.write_bytes(pickle.dumps(([jpeg[: len(jpeg) // 2], good], [True])))
   with pytest.raises(ValueError, match="image 0 .*could not be decoded"):
     ver.load_bin(path)

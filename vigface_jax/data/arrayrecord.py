@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from vigface_jax.data import codec
+
 IMAGE_SIZE = 112
 _SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<split>[^-.]+)\.array_record-(?P<i>\d{5})-of-(?P<n>\d{5})$")
 
@@ -44,15 +46,6 @@ def features(num_classes: int, encoding_format: str = "jpeg"):
   })
 
 
-def _encode(image: np.ndarray, encoding_format: str, quality: int) -> bytes:
-  buf = io.BytesIO()
-  if encoding_format == "png":
-    Image.fromarray(image).save(buf, format="PNG")
-  else:
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
-  return buf.getvalue()
-
-
 def serialize(element: dict[str, Any], *, encoding_format: str = "jpeg",
               quality: int = 95) -> bytes:
   """One element (decoded `image` or encoded `image_bytes`) → serialised tf.train.Example."""
@@ -65,7 +58,7 @@ def serialize(element: dict[str, Any], *, encoding_format: str = "jpeg",
     if image.dtype != np.uint8 or image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
       raise ValueError(f"element {element.get('key', '?')!r}: image must be uint8 [112, 112, 3], "
                        f"got {image.dtype} {list(image.shape)}")
-    data = _encode(image, encoding_format, quality)
+    data = codec.encode_image(image, encoding_format, quality)
   points = np.asarray(element.get("landmarks", np.zeros((5, 2))), np.float32).reshape(-1)
   has = bool(element.get("has_landmarks", False))
   example = tf_example_pb2.Example(features=f.Features(feature={

@@ -82,6 +82,7 @@ from etils import epath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vigface_jax.data import codec
 from vigface_jax.data import landmark_files
 from vigface_jax.data import skip
 from vigface_jax.data.recordio_format import (  # pylint: disable=unused-import
@@ -518,12 +519,7 @@ def _encode_image(image, image_format: str, quality: int) -> bytes:
   if array.shape != (IMAGE_SIZE, IMAGE_SIZE, 3) or array.dtype != np.uint8:
     raise ValueError(f"RecordIOWriter: image must be uint8 [{IMAGE_SIZE}, {IMAGE_SIZE}, 3] "
                      f"RGB or encoded bytes, got {array.dtype} {list(array.shape)}.")
-  out = io.BytesIO()
-  if image_format == "png":
-    Image.fromarray(array).save(out, format="PNG")
-  else:
-    Image.fromarray(array).save(out, format="JPEG", quality=quality)
-  return out.getvalue()
+  return codec.encode_image(array, image_format, quality)
 
 
 class RecordIOWriter:

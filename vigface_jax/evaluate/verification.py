@@ -35,6 +35,8 @@ import numpy as np
 from PIL import Image
 from scipy import interpolate
 
+from vigface_jax.data import codec
+
 IMAGE_SIZE = 112
 # Formats PIL may try when decoding pack items: limiting the set keeps rarely used (and
 # rarely hardened) PIL decoders away from untrusted bytes. insightface packs are JPEG.
@@ -278,15 +280,6 @@ def load_bin(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
 # Writing.
 
 
-def _encode(image: np.ndarray, image_format: str, quality: int) -> bytes:
-  buf = io.BytesIO()
-  if image_format == "JPEG":
-    Image.fromarray(image, "RGB").save(buf, format="JPEG", quality=quality)
-  else:
-    Image.fromarray(image, "RGB").save(buf, format="PNG")
-  return buf.getvalue()
-
-
 def write_bin(path: PathLike, images: np.ndarray, issame: Sequence[bool] | np.ndarray, *,
               image_format: str = "jpeg", quality: int = 95) -> None:
   """Writes a verification pack in insightface's format, atomically.
@@ -325,7 +318,7 @@ def write_bin(path: PathLike, images: np.ndarray, issame: Sequence[bool] | np.nd
   if not (isinstance(quality, int) and 1 <= quality <= 100):
     raise ValueError(f"write_bin: quality must be an int in 1..100; got {quality!r}")
 
-  bins = [_encode(image, fmt, quality) for image in images]
+  bins = [codec.encode_image(image, fmt, quality) for image in images]
   payload = pickle.dumps((bins, [bool(x) for x in issame]), protocol=pickle.HIGHEST_PROTOCOL)
   path_str = os.fspath(path)
   if "://" in path_str:
