@@ -381,17 +381,17 @@ def _fmt(x: float | None, spec: str) -> str:
   return "" if x is None else format(x, spec)
 
 
-def to_markdown(info: dict[str, Any], render: list[dict[str, Any]], rows: list[Row]) -> str:
-  """The BENCHMARKS.md section (heading included)."""
+def section_header(heading: str, module: str, info: dict[str, Any]) -> list[str]:
+  """Heading, the command that produced the section and the machine line, as lines."""
 
   def load(key):
     return ", ".join(f"{x:.2f}" for x in info[key]) if info.get(key) else "n/a"
 
   ram = f"{info['ram_gib']:.0f} GiB RAM" if info["ram_gib"] else "RAM unknown"
-  lines = [
-      SECTION,
+  return [
+      heading,
       "",
-      "Produced by `" + " ".join(["python -m benchmarks.data_pipeline"] + [
+      "Produced by `" + " ".join([f"python -m {module}"] + [
           arg for arg in sys.argv[1:] if not arg.startswith(("--output", "--json"))]) + "`.",
       "",
       f"Machine: {info['cpu']}, `os.cpu_count()` = {info['cpu_count']} "
@@ -401,6 +401,12 @@ def to_markdown(info: dict[str, Any], render: list[dict[str, Any]], rows: list[R
       f"Load average (1, 5, 15 min) at start {load('load_average_start')}, at end "
       f"{load('load_average_end')}.",
       "",
+  ]
+
+
+def to_markdown(info: dict[str, Any], render: list[dict[str, Any]], rows: list[Row]) -> str:
+  """The BENCHMARKS.md section (heading included)."""
+  lines = section_header(SECTION, "benchmarks.data_pipeline", info) + [
       f"### Renderer alone (`faces.render_face`, one thread, {_RENDER_IMAGES.value} distinct "
       f"identities, best of {_REPEATS.value})",
       "",

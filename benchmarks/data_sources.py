@@ -335,25 +335,8 @@ def _fmt(x: float | None, spec: str) -> str:
 def to_markdown(info: dict[str, Any], data: DataSet, records: list[dict[str, Any]],
                 rows: list[dp.Row]) -> str:
   """The BENCHMARKS.md section (heading included)."""
-
-  def load(key):
-    return ", ".join(f"{x:.2f}" for x in info[key]) if info.get(key) else "n/a"
-
-  ram = f"{info['ram_gib']:.0f} GiB RAM" if info["ram_gib"] else "RAM unknown"
   n, per_id = len(data.labels), flags.FLAGS.images_per_identity
-  lines = [
-      SECTION,
-      "",
-      "Produced by `" + " ".join(["python -m benchmarks.data_sources"] + [
-          arg for arg in sys.argv[1:] if not arg.startswith(("--output", "--json"))]) + "`.",
-      "",
-      f"Machine: {info['cpu']}, `os.cpu_count()` = {info['cpu_count']} "
-      f"({info['usable_cpus']} usable), {ram}; Python {info['python']}, jax {info['jax']} "
-      f"({info['jax_devices']}), grain {info['grain']}, numpy {info['numpy']}; code "
-      f"{info['code']}; {info['date']}. "
-      f"Load average (1, 5, 15 min) at start {load('load_average_start')}, at end "
-      f"{load('load_average_end')}.",
-      "",
+  lines = dp.section_header(SECTION, "benchmarks.data_sources", info) + [
       f"### The data: {n} procedural faces ({n // per_id} identities x {per_id}), JPEG "
       f"q{_QUALITY.value}, with landmarks",
       "",
