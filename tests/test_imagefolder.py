@@ -2,7 +2,6 @@
 
 import io
 import logging
-import os
 import pickle
 
 import numpy as np
