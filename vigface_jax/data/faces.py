@@ -173,8 +173,11 @@ def sample_nuisance(rng: np.random.Generator, yaw: float | None = None) -> dict[
   """The per-image factors: pose, expression, lighting, background, occlusion, camera."""
   # One draw of uniforms, consumed in order: 40 scalar rng calls cost more than the rest.
   it = iter(rng.random(64).tolist())
-  u = lambda: next(it)  # pylint: disable=unnecessary-lambda-assignment
-  tri = lambda: u() + u() - 1.0  # triangular in [-1, 1]: near-frontal poses are commonest
+  u = it.__next__
+
+  def tri() -> float:  # triangular in [-1, 1]: near-frontal poses are the common case
+    return u() + u() - 1.0
+
   q = {
       "yaw": 60.0 * tri(),
       "pitch": 25.0 * tri(),
