@@ -52,9 +52,10 @@ def test_metric_writer_and_summary(tmp_path):
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert json.loads(lines[0]) == {"step": 3, "loss": 0.5, "acc": 1}
   assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
-  metrics.write_summary(tmp_path, {"x": np.float64(2.5), "nan": float("nan"), "v": np.arange(2)})
+  metrics.write_summary(tmp_path, {"x": np.float64(2.5), "nan": float("nan"), "v": np.arange(2),
+                                   "ok": np.bool_(True)})
   assert json.loads((tmp_path / "summary.json").read_text()) == {"x": 2.5, "nan": None,
-                                                                "v": [0, 1]}
+                                                                "v": [0, 1], "ok": True}
 
 
 def test_preview_main_job_writes_sheet_pack_and_summary(tmp_path):

@@ -30,6 +30,8 @@ def _scalar(value: Any) -> float | int | None:
 
 def _json_ready(value: Any) -> Any:
   """Converts numpy/jax values inside nested containers to plain Python for json.dump."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)  # JSON has booleans; only TensorBoard needs them as numbers
   scalar = _scalar(value)
   if scalar is not None:
     return None if isinstance(scalar, float) and not math.isfinite(scalar) else scalar

@@ -1,0 +1,180 @@
+"""Tests for the stage-1 prototype report (`evaluate/prototypes.py`) against brute-force numpy."""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from vigface_jax.evaluate import prototypes
+
+_RES = 2.0 / prototypes.HIST_BINS  # histogram bin width
+
+
+def _normalise(rows):
+  rows = np.asarray(rows, np.float64)
+  return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def _brute(rows, n):
+  """Reference: full float64 cosine matrix over `[C, d]` rows."""
+  x = _normalise(rows)
+  c = x.shape[0]
+  sim = np.clip(x @ x.T, -1.0, 1.0)
+  iu = np.triu_indices(c, 1)
+  pair_i, pair_j = iu
+  vals = sim[iu]
+  ri, rj = pair_i < n, pair_j < n
+  groups = {"real_real": vals[ri & rj], "virtual_virtual": vals[~ri & ~rj],
+            "virtual_real": vals[ri != rj]}
+  masked = sim.copy()
+  np.fill_diagonal(masked, -np.inf)
+  near_real_idx = masked[:, :n].argmax(axis=1) if n else None
+  near_real_cos = masked[:, :n].max(axis=1) if n else None
+  return groups, masked.argmax(axis=1), masked.max(axis=1), near_real_idx, near_real_cos
+
+
+@pytest.mark.parametrize("n,k,block", [(40, 25, 4096), (40, 25, 7), (30, 0, 8), (1, 12, 5)])
+def test_matches_brute_force(n, k, block):
+  rng = np.random.default_rng(n + k)
+  rows = rng.normal(size=(n + k, 16)).astype(np.float32)
+  got = prototypes.separability(rows.T, n, block=block)  # [d, C], the margin head's layout
+  groups, near_idx, near_cos, near_real_idx, near_real_cos = _brute(rows, n)
+
+  for name, vals in groups.items():
+    stats = got[name]
+    assert stats["pairs"] == vals.size
+    if vals.size == 0:
+      assert stats["max"] is None and stats["mean"] is None and stats["p99"] is None
+      continue
+    np.testing.assert_allclose(stats["max"], vals.max(), atol=1e-6)
+    np.testing.assert_allclose(stats["mean"], vals.mean(), atol=1e-6)
+    for q in prototypes.PERCENTILES:
+      key = prototypes._pname(q)
+      assert abs(stats[key] - np.percentile(vals, q)) <= _RES + 1e-6, (name, q)
+
+  per_row = got["per_row"]
+  np.testing.assert_array_equal(per_row["nearest_index"], near_idx)
+  np.testing.assert_allclose(per_row["nearest_cosine"], near_cos, atol=1e-6)
+  if n >= 2:
+    np.testing.assert_array_equal(per_row["nearest_real_index"], near_real_idx)
+    np.testing.assert_allclose(per_row["nearest_real_cosine"], near_real_cos, atol=1e-6)
+    ref_real = near_real_cos[:n]
+    np.testing.assert_allclose(got["nearest_real_to_real"]["p50"], np.median(ref_real),
+                               atol=1e-6)
+    np.testing.assert_allclose(got["nearest_real_to_real"]["max"], ref_real.max(), atol=1e-6)
+  else:
+    # The only real row has no other real row; virtual rows all point at it.
+    assert per_row["nearest_real_index"][0] == -1
+    assert np.isnan(per_row["nearest_real_cosine"][0])
+    np.testing.assert_array_equal(per_row["nearest_real_index"][n:], 0)
+    assert got["verdict"]["passed"] is None
+  if k:
+    ref_virt = near_real_cos[n:]
+    np.testing.assert_allclose(got["nearest_real_to_virtual"]["p99"],
+                               np.percentile(ref_virt, 99), atol=1e-6)
+    np.testing.assert_allclose(got["nearest_real_to_virtual"]["mean"], ref_virt.mean(),
+                               atol=1e-6)
+
+
+def test_block_size_does_not_change_result():
+  rng = np.random.default_rng(3)
+  centres = rng.normal(size=(8, 50)).astype(np.float32)
+  one = prototypes.separability(centres, 20, block=1000)
+  many = prototypes.separability(centres, 20, block=3)
+  for key in ("virtual_real", "virtual_virtual", "real_real", "nearest_real_to_virtual",
+              "nearest_real_to_real", "verdict"):
+    for stat, val in one[key].items():
+      if isinstance(val, float):
+        np.testing.assert_allclose(many[key][stat], val, atol=1e-6, err_msg=f"{key}.{stat}")
+      else:
+        assert many[key][stat] == val, (key, stat)
+  for name, arr in one["per_row"].items():
+    np.testing.assert_allclose(many["per_row"][name], arr, atol=1e-6, err_msg=name)
+
+
+def test_class_axis_zero_is_transpose():
+  rng = np.random.default_rng(4)
+  centres = rng.normal(size=(8, 30)).astype(np.float32)
+  a = prototypes.separability(centres, 10)
+  b = prototypes.separability(centres.T, 10, class_axis=0)
+  assert a["virtual_real"] == b["virtual_real"]
+  np.testing.assert_array_equal(a["per_row"]["nearest_index"], b["per_row"]["nearest_index"])
+
+
+def _orthogonal_case(n=12, k=6, dim=24, seed=5):
+  """Real rows in the first half of the dimensions, virtual rows in the second half."""
+  rng = np.random.default_rng(seed)
+  rows = np.zeros((n + k, dim), np.float32)
+  rows[:n, :dim // 2] = rng.normal(size=(n, dim // 2))
+  rows[n:, dim // 2:] = rng.normal(size=(k, dim // 2))
+  return rows
+
+
+def test_orthogonal_virtual_rows_pass():
+  rows = _orthogonal_case()
+  got = prototypes.separability(rows, 12, class_axis=0)
+  assert abs(got["virtual_real"]["max"]) < 1e-6
+  assert abs(got["virtual_real"]["mean"]) < 1e-6
+  assert abs(got["nearest_real_to_virtual"]["max"]) < 1e-6
+  verdict = got["verdict"]
+  assert verdict["passed"] is True
+  assert verdict["virtual_nearest_real_p99"] < verdict["real_nearest_real_median"]
+
+
+def test_duplicated_real_row_fails():
+  rows = _orthogonal_case()
+  rows[15] = 3.0 * rows[4]  # virtual row 15 is real row 4 (scale is irrelevant)
+  got = prototypes.separability(rows.T, 12)
+  assert got["per_row"]["nearest_real_index"][15] == 4
+  np.testing.assert_allclose(got["per_row"]["nearest_real_cosine"][15], 1.0, atol=1e-6)
+  np.testing.assert_allclose(got["virtual_real"]["max"], 1.0, atol=1e-6)
+  np.testing.assert_allclose(got["nearest_real_to_virtual"]["max"], 1.0, atol=1e-6)
+  assert got["verdict"]["passed"] is False
+  assert (got["verdict"]["virtual_nearest_real_p99"]
+          > got["verdict"]["real_nearest_real_median"])
+
+
+def test_no_virtual_rows():
+  rng = np.random.default_rng(6)
+  got = prototypes.separability(rng.normal(size=(8, 10)), 10)
+  assert got["num_virtual"] == 0
+  assert got["virtual_real"]["pairs"] == 0 and got["virtual_real"]["max"] is None
+  assert got["virtual_virtual"]["pairs"] == 0
+  assert got["real_real"]["pairs"] == 45
+  assert got["nearest_real_to_virtual"]["rows"] == 0
+  assert got["verdict"]["passed"] is None and "virtual" in got["verdict"]["reason"]
+
+
+def test_write_report(tmp_path):
+  rows = _orthogonal_case(n=40, k=30, dim=32)
+  report = prototypes.write_report(tmp_path, rows.T, 40, sample=50)
+  assert report["verdict"]["passed"] is True
+
+  with np.load(tmp_path / "prototypes.npz") as npz:
+    assert npz["real"].shape == (40, 32) and npz["virtual"].shape == (30, 32)
+    assert npz["real"].dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(npz["virtual"], axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(npz["nearest_real_index"],
+                                  report["per_row"]["nearest_real_index"])
+
+  with open(tmp_path / "separability.json") as f:
+    saved = json.load(f)
+  assert "per_row" not in saved
+  assert saved["verdict"]["passed"] is True
+  assert saved["num_real"] == 40 and saved["num_virtual"] == 30
+
+  png = tmp_path / "prototype_similarity.png"
+  with Image.open(png) as image:
+    image.load()
+    assert image.format == "PNG"
+    assert 300 <= image.width <= 2000 and 300 <= image.height <= 2000
+
+
+def test_figure_with_real_rows_only(tmp_path):
+  rng = np.random.default_rng(7)
+  path = os.path.join(tmp_path, "fig.png")
+  prototypes.similarity_figure(rng.normal(size=(8, 20)), 20, path, sample=256)
+  with Image.open(path) as image:
+    assert image.size[0] > 100
