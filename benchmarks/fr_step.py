@@ -292,7 +292,8 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       "the process is pinned to `--threads` CPUs (a no-op when that is every usable CPU). "
       "\"cores used\" shows what each side actually kept busy.",
       "* JAX compile time is `lower().compile()`; the JAX first step after it is still "
-      "slower than later ones (buffer allocation and first-touch of the donated state).",
+      "slower than later ones (not investigated; it is excluded from the median like the "
+      "second, warm-up step).",
   ]
   return "\n".join(lines) + "\n"
 
