@@ -470,15 +470,23 @@ def to_markdown(info: dict[str, Any], render: list[dict[str, Any]], rows: list[R
   return "\n".join(lines) + "\n"
 
 
-def write_section(path: pathlib.Path, section: str) -> None:
-  """Replaces `SECTION` (up to the next `## ` heading) in `path`, or appends it."""
+def write_section(path: pathlib.Path, section: str, heading: str = SECTION) -> None:
+  """Replaces the `heading` section (up to the next `## ` heading) in `path`, or appends it."""
   text = path.read_text(encoding="utf-8") if path.exists() else _HEADER
-  pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+  pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
   if pattern.search(text):
     text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
   else:
     text = text.rstrip("\n") + "\n\n" + section
   path.write_text(text, encoding="utf-8")
+
+
+def write_output(output: str, section: str, heading: str = SECTION) -> None:
+  """`write_section` into `output` (relative paths are from the repository root)."""
+  path = pathlib.Path(output)
+  path = path if path.is_absolute() else _REPO / path
+  write_section(path, section, heading)
+  logging.info("Wrote %s to %s.", heading, path)
 
 
 def main(argv: list[str]) -> None:
@@ -495,10 +503,7 @@ def main(argv: list[str]) -> None:
   section = to_markdown(info, render, rows)
   print(section)
   if _OUTPUT.value:
-    path = pathlib.Path(_OUTPUT.value)
-    path = path if path.is_absolute() else _REPO / path
-    write_section(path, section)
-    logging.info("Wrote %s to %s.", SECTION, path)
+    write_output(_OUTPUT.value, section)
   if _JSON.value:
     record = {"machine": info, "renderer": render,
               "pipelines": [dict(dataclasses.asdict(r), images_per_s=r.images_per_s)

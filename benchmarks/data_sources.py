@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 from typing import Any, Callable, Iterator
-from unittest import mock
 
 from absl import app
 from absl import flags
@@ -473,12 +472,7 @@ def main(argv: list[str]) -> None:
   section = to_markdown(info, data, records, rows)
   print(section)
   if flags.FLAGS.output:
-    path = pathlib.Path(flags.FLAGS.output)
-    path = path if path.is_absolute() else _REPO / path
-    # write_section matches data_pipeline.SECTION; point it at ours for this call.
-    with mock.patch.object(dp, "SECTION", SECTION):
-      dp.write_section(path, section)
-    logging.info("Wrote %s to %s.", SECTION, path)
+    dp.write_output(flags.FLAGS.output, section, SECTION)
   if flags.FLAGS.json:
     record = {"machine": info, "sizes": data.sizes, "write_s": data.write_s,
               "identical": data.identical, "per_record": records,

@@ -35,7 +35,6 @@ import pathlib
 import sys
 import time
 from typing import Any
-from unittest import mock
 
 
 def _early_threads(default: int = 2) -> int:
@@ -59,7 +58,6 @@ if __package__ in (None, ""):  # `python benchmarks/fr_step.py`: make the repo i
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
-from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -314,12 +312,7 @@ def main(argv: list[str]) -> None:
   section = to_markdown(info, r)
   print(section)
   if flags.FLAGS.output:
-    path = pathlib.Path(flags.FLAGS.output)
-    path = path if path.is_absolute() else _REPO / path
-    # write_section matches data_pipeline.SECTION; point it at ours for this call.
-    with mock.patch.object(dp, "SECTION", SECTION):
-      dp.write_section(path, section)
-    logging.info("Wrote %s to %s.", SECTION, path)
+    dp.write_output(flags.FLAGS.output, section, SECTION)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vigface_jax.models import onet
 from vigface_jax.models.onet import PReLU
 
 BN_EPS = 1e-5
@@ -364,14 +365,6 @@ def _torch_shape(flax_shape: Sequence[int]) -> tuple[int, ...]:
   return tuple(flax_shape)
 
 
-def _to_flax(value: np.ndarray) -> np.ndarray:
-  if value.ndim == 4:  # conv [out, in, kh, kw] -> [kh, kw, in, out]
-    return np.transpose(value, (2, 3, 1, 0))
-  if value.ndim == 2:  # linear [out, in] -> [in, out]
-    return value.T
-  return value
-
-
 def _as_numpy(value: Any) -> np.ndarray:
   if hasattr(value, "detach"):  # a torch tensor, converted without importing torch
     value = value.detach().cpu().float().numpy()
@@ -418,7 +411,7 @@ def load_insightface_state_dict(model: IResNet, state_dict: Mapping[str, Any]) -
     if value.shape != expected:
       raise ValueError(f"IResNet state_dict key {key!r} has shape {tuple(value.shape)}, "
                        f"expected {expected}")
-    arrays[key] = _to_flax(value)
+    arrays[key] = onet.to_flax_layout(value)
   for key, var in targets.items():
     var[...] = jnp.asarray(arrays[key], dtype=var[...].dtype)
   return model

@@ -259,7 +259,7 @@ def normalize(images: jax.Array) -> jax.Array:
 # --- Weights --------------------------------------------------------------
 
 
-def _to_flax(value: np.ndarray) -> np.ndarray:
+def to_flax_layout(value: np.ndarray) -> np.ndarray:
   """PyTorch layout -> flax layout for one state_dict entry."""
   if value.ndim == 4:  # conv [out, in, kh, kw] -> [kh, kw, in, out]
     return np.transpose(value, (2, 3, 1, 0))
@@ -269,7 +269,7 @@ def _to_flax(value: np.ndarray) -> np.ndarray:
 
 
 def _from_flax(value: np.ndarray) -> np.ndarray:
-  """Flax layout -> PyTorch layout (inverse of `_to_flax`)."""
+  """Flax layout -> PyTorch layout (inverse of `to_flax_layout`)."""
   if value.ndim == 4:
     return np.transpose(value, (3, 2, 0, 1))
   if value.ndim == 2:
@@ -312,7 +312,7 @@ def load_state_dict(model: ONet, state_dict: Mapping[str, Any]) -> ONet:
           f"O-Net state_dict key {key!r} has shape {value.shape}, expected {shape}"
       )
     param = _param(model, key)
-    param[...] = jnp.asarray(_to_flax(value), dtype=param[...].dtype)
+    param[...] = jnp.asarray(to_flax_layout(value), dtype=param[...].dtype)
   return model
 
 
