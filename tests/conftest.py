@@ -35,3 +35,25 @@ def shared_testdata() -> pathlib.Path:
       pytest.fail(msg)
     pytest.skip(msg)
   return path
+
+
+def run_on_fake_devices(script: str, num_devices: int = 8, timeout: int = 180) -> str:
+  """Runs `script` in a fresh Python with `num_devices` fake CPU devices; returns its stdout.
+
+  XLA's device count is fixed when JAX starts, so multi-device tests need their own process.
+  Fails the test unless the script exits 0 and its last output line is "OK".
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  env.update({
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+      "JAX_PLATFORMS": "cpu",
+      "PYTHONPATH": os.pathsep.join(
+          [str(_REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+  })
+  result = subprocess.run([sys.executable, "-c", script], env=env, cwd=_REPO,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+  assert result.returncode == 0, result.stderr[-5000:]
+  assert result.stdout.strip().endswith("OK"), result.stdout
+  return result.stdout

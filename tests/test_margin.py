@@ -6,9 +6,6 @@ the device count is fixed when JAX's backend starts.
 
 import functools
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 from flax import nnx
@@ -18,6 +15,8 @@ import numpy as np
 import pytest
 
 from vigface_jax.models import margin
+
+from conftest import run_on_fake_devices
 
 
 def _cosines(rng, b, c):
@@ -360,18 +359,4 @@ _EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_loss_and_gradients_eight_devices():
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ)
-  env.update({
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-      "JAX_PLATFORMS": "cpu",
-      "PYTHONPATH": os.pathsep.join(
-          [repo] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-  })
-  result = subprocess.run(
-      [sys.executable, "-c", _EIGHT_DEVICE_SCRIPT],
-      env=env, cwd=repo, capture_output=True, text=True, timeout=180,
-      check=False,
-  )
-  assert result.returncode == 0, result.stderr[-5000:]
-  assert result.stdout.strip().endswith("OK"), result.stdout
+  run_on_fake_devices(_EIGHT_DEVICE_SCRIPT, timeout=180)

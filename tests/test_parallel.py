@@ -4,9 +4,6 @@ The multi-device test runs in a subprocess with 8 fake CPU devices, because
 the device count is fixed when a JAX backend starts.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 from flax import linen
@@ -17,6 +14,8 @@ import numpy as np
 import pytest
 
 from vigface_jax import parallel
+
+from conftest import run_on_fake_devices
 
 
 def test_create_mesh_fills_minus_one_with_remaining_devices():
@@ -197,18 +196,4 @@ _EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_eight_fake_devices_global_batch():
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ)
-  env.update({
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-      "JAX_PLATFORMS": "cpu",
-      "PYTHONPATH": os.pathsep.join(
-          [repo] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-  })
-  result = subprocess.run(
-      [sys.executable, "-c", _EIGHT_DEVICE_SCRIPT],
-      env=env, cwd=repo, capture_output=True, text=True, timeout=120,
-      check=False,
-  )
-  assert result.returncode == 0, result.stderr[-5000:]
-  assert result.stdout.strip().endswith("OK"), result.stdout
+  run_on_fake_devices(_EIGHT_DEVICE_SCRIPT, timeout=120)
