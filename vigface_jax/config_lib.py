@@ -10,6 +10,14 @@ from ml_collections import config_dict
 from vigface_jax import parallel
 
 
+class ConfigError(ValueError):
+  """The config cannot run: unknown task, missing required field, bad value.
+
+  `vigface_jax.main` reports it as one line (exit status 2) without a traceback; tasks raise
+  it for mistakes only they can detect (e.g. a dataset path their data source needs).
+  """
+
+
 def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
   """Parses `variant` or `key=value,key=value` config arguments (big_vision style).
 

@@ -20,6 +20,7 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from vigface_jax import config_lib
 from vigface_jax import metrics
 from vigface_jax import parallel
 
@@ -31,11 +32,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoi
 # that must not be None). Modules are imported on demand: a data job never loads a trainer.
 TASKS = {
     "preview": "vigface_jax.preview",
+    "fr": "vigface_jax.train.fr",
 }
 
 
-class ConfigError(ValueError):
-  """The config cannot run: unknown task, missing required field, bad value."""
+ConfigError = config_lib.ConfigError
 
 
 def _get_field(config: ml_collections.ConfigDict, path: str) -> Any:
@@ -109,6 +110,13 @@ def main(argv: list[str]) -> None:
     logging.error("%s", e)
     sys.stderr.write(f"vigface_jax: {e}\n")
     sys.exit(2)
+  except RuntimeError as e:
+    # Training that diverged stops with a message saying which checkpoint is kept.
+    if type(e).__name__ != "TrainingDiverged":
+      raise
+    logging.error("%s", e)
+    sys.stderr.write(f"vigface_jax: {e}\n")
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -378,6 +378,13 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
   return True
 
 
+def sync(name: str) -> None:
+  """Barrier across JAX processes (a no-op in a single-process job)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def is_main_process() -> bool:
   """True on the process that writes shared files (process 0)."""
   return jax.process_index() == 0

@@ -694,7 +694,7 @@ class ProceduralFaceSource:
   """
 
   def __init__(self, seed: int = 0, num_identities: int = 1000, images_per_identity: int = 64,
-               identity_offset: int = 0):
+               identity_offset: int = 0, cache: bool = False):
     for name, val in (("num_identities", num_identities),
                       ("images_per_identity", images_per_identity)):
       if int(val) <= 0:
@@ -703,6 +703,9 @@ class ProceduralFaceSource:
     self.num_identities = int(num_identities)
     self.images_per_identity = int(images_per_identity)
     self.identity_offset = int(identity_offset)
+    # cache=True keeps every rendered record (~38 kB each) in this process: a small dataset
+    # trained for many epochs then renders each face once (the CPU demo).
+    self._cache: dict[int, dict[str, np.ndarray]] | None = {} if cache else None
 
   @property
   def num_classes(self) -> int:
@@ -715,10 +718,16 @@ class ProceduralFaceSource:
     i = int(record_key)
     if not 0 <= i < len(self):
       raise IndexError(f"ProceduralFaceSource: record {i} outside [0, {len(self)})")
+    if self._cache is not None and i in self._cache:
+      return dict(self._cache[i])
     label, index = divmod(i, self.images_per_identity)
     image, points = render_face(self.seed, self.identity_offset + label, index)
-    return {"image": image, "label": np.int32(label), "landmarks": points,
-            "has_landmarks": np.bool_(True)}
+    record = {"image": image, "label": np.int32(label), "landmarks": points,
+              "has_landmarks": np.bool_(True)}
+    if self._cache is not None:
+      self._cache[i] = record
+      return dict(record)
+    return record
 
   def __repr__(self) -> str:
     return (f"ProceduralFaceSource(seed={self.seed}, num_identities={self.num_identities}, "

@@ -308,6 +308,8 @@ class GlobalBatchIterator(Iterator[dict[str, jax.Array]]):
     self._mesh = mesh
     self._sharding = parallel.batch_sharding(mesh, rules)
     self._iterator = iter(loader)
+    # The random-access source (its `num_classes` sizes the classifier).
+    self.source = getattr(loader, "_data_source", None)
 
   @property
   def sharding(self) -> jax.sharding.NamedSharding:
@@ -327,6 +329,9 @@ class GlobalBatchIterator(Iterator[dict[str, jax.Array]]):
   def set_state(self, state: bytes) -> None:
     """Restores a state from `get_state()` (same loader settings required)."""
     self._iterator.set_state(state)
+
+  def start_prefetch(self) -> None:
+    """Called by `grain.checkpoint.CheckpointHandler` after a restore (prefetch is lazy here)."""
 
   def close(self) -> None:
     """Stops grain's worker processes and frees their shared memory (idempotent).
@@ -354,6 +359,7 @@ def _procedural_source(data_config: Any) -> grain.sources.RandomAccessDataSource
       num_identities=data_config.num_identities,
       images_per_identity=data_config.images_per_identity,
       identity_offset=data_config.get("identity_offset", 0),
+      cache=data_config.get("cache", False),
   )
 
 

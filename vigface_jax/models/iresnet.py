@@ -94,6 +94,8 @@ VARIANTS: dict[str, Variant] = {
     "r200": Variant((6, 26, 60, 6)),
     "ir_se50": Variant((3, 4, 14, 3), se=True),
     "ir_se100": Variant((3, 13, 30, 3), se=True),
+    # The CPU demo (configs/fr.py:demo): a few minutes of training on 2 cores.
+    "small": Variant((1, 2, 2, 1), (16, 32, 64, 128)),
     # For tests only: same code paths at a fraction of the cost.
     "tiny": Variant((1, 1, 1, 1), (8, 16, 32, 64)),
     "tiny_se": Variant((1, 1, 1, 1), (8, 16, 32, 64), se=True),
@@ -110,6 +112,19 @@ def get_variant(name: str) -> Variant:
 def preprocess(images: jax.Array) -> jax.Array:
   """uint8 `[batch, height, width, 3]` RGB -> float32 `(x / 255 - 0.5) / 0.5` in [-1, 1]."""
   return (jnp.asarray(images).astype(jnp.float32) / 255.0 - 0.5) / 0.5
+
+
+def prepare(images: jax.Array, input_size: int = 112) -> jax.Array:
+  """Aligned 112×112 faces (uint8, or float in [-1, 1]) → normalised `[b, input_size, input_size, 3]`.
+
+  A backbone trained at a reduced `input_size` (the CPU demo) sees the 112×112 crop resized
+  with an antialiasing linear filter, at training and at evaluation alike.
+  """
+  x = preprocess(images) if images.dtype == jnp.uint8 else jnp.asarray(images, jnp.float32)
+  if x.shape[1:3] != (input_size, input_size):
+    x = jax.image.resize(x, (x.shape[0], input_size, input_size, x.shape[3]), "linear",
+                         antialias=True)
+  return x
 
 
 def _meta(*names: str) -> dict[str, Any]:

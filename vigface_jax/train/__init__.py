@@ -1,0 +1,1 @@
+"""Training: the shared sharded trainer (state, optim, checkpoint, loop) and the trainers."""

@@ -1,0 +1,226 @@
+"""The training loop every trainer shares: resume, step, log, profile, evaluate, checkpoint.
+
+Fields of `config.train` read here:
+  num_steps: total optimizer steps.
+  seed: initialisation and per-step RNG seed.
+  log_every: steps between metric records (loss, accuracy, lr, grad norm, images/s, step time).
+  checkpoint_every: steps between checkpoints (the last step is always saved).
+  keep_checkpoints: how many checkpoints to keep.
+  async_checkpoint: save in the background (default True).
+  eval_every: steps between evaluation hooks (0: only at the end).
+  ema_decay: EMA of the parameters (0: off).
+  profile_steps: `(start, stop)` steps traced by `jax.profiler` into `workdir/profile`, or ().
+  peak_tflops_per_device: peak FLOP/s for the MFU figure (0: from `PEAK_TFLOPS` by device
+    kind; no MFU when unknown, e.g. on CPU). TFLOP/s achieved is always logged.
+
+A non-finite loss or gradient leaves the state unchanged, stops the run with
+`TrainingDiverged` and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from absl import logging
+from flax import nnx
+import jax
+from jax.sharding import Mesh
+import numpy as np
+
+from vigface_jax import metrics as metrics_lib
+from vigface_jax import parallel
+from vigface_jax.train import checkpoint as checkpoint_lib
+from vigface_jax.train import optim
+from vigface_jax.train import state as state_lib
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or the gradient became non-finite; the run stopped."""
+
+
+@dataclasses.dataclass
+class Hook:
+  """`fn(step, state) -> {name: scalar}` run every `every` steps (0: only at the end)."""
+
+  name: str
+  every: int
+  fn: Callable[[int, state_lib.TrainState], dict[str, Any]]
+
+
+@dataclasses.dataclass
+class Result:
+  state: state_lib.TrainState
+  setup: state_lib.Setup
+  start_step: int
+  metrics: dict[str, Any]  # the last logged training metrics and hook results
+
+
+def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
+  fetched = jax.device_get(window)
+  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def fit(
+    config: Any,
+    workdir: str,
+    *,
+    mesh: Mesh,
+    create_model: Callable[[nnx.Rngs], nnx.Module],
+    loss_fn: state_lib.LossFn,
+    data: Iterator[dict[str, jax.Array]],
+    images_per_step: int,
+    hooks: Sequence[Hook] = (),
+    make_hooks: Callable[[state_lib.Setup], Sequence[Hook]] | None = None,
+    writer: metrics_lib.MetricWriter | None = None,
+) -> Result:
+  """Trains `config.train.num_steps` steps, resuming from `workdir/checkpoints` if present.
+
+  Args:
+    config: experiment config (`train`, `optim`, `sharding_rules` blocks).
+    workdir: run directory (checkpoints, metrics, profile).
+    mesh: device mesh.
+    create_model: `create_model(rngs=nnx.Rngs)` builds the model in training mode.
+    loss_fn: `(model, batch, rng) -> (loss, metrics)`.
+    data: iterator of global batches sharded over the batch axes; if it has
+      `get_state`/`set_state` (grain), its position is checkpointed and restored.
+    images_per_step: global examples per step (for images/s).
+    hooks: evaluation hooks.
+    make_hooks: builds more hooks once the graphdef is known.
+    writer: metric writer (default: one on `workdir`).
+
+  Returns:
+    The final state and setup, the first step run in this process and the last metrics.
+  """
+  train = config.train
+  rules = config.get("sharding_rules", parallel.DEFAULT_RULES)
+  num_steps = int(train.num_steps)
+  tx, schedule = optim.make_optimizer(config.optim, num_steps)
+  ema_decay = float(train.get("ema_decay", 0.0))
+  state, setup = state_lib.create_state(create_model, tx, mesh, seed=int(train.seed),
+                                        rules=rules, ema=ema_decay > 0)
+  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=int(train.get("keep_checkpoints", 3)),
+                                     async_save=bool(train.get("async_checkpoint", True)))
+  checkpoint_data = data if hasattr(data, "get_state") else None
+  restored = ckpt.restore_latest(setup.abstract, checkpoint_data)
+  if restored is not None:
+    state = restored
+  start = int(jax.device_get(state.step))
+  step_fn = state_lib.make_train_step(setup.graphdef, loss_fn, tx, setup.shardings,
+                                      parallel.batch_sharding(mesh, rules), ema_decay=ema_decay)
+  hooks = list(hooks) + list(make_hooks(setup) if make_hooks else [])
+  own_writer = writer is None
+  writer = writer or metrics_lib.MetricWriter(workdir)
+  log_every = max(1, int(train.get("log_every", 50)))
+  ckpt_every = int(train.get("checkpoint_every", 1000))
+  profile = tuple(train.get("profile_steps", ()) or ())
+  train_last: dict[str, Any] = {}
+  hook_last: dict[str, Any] = {}
+  window: list[dict[str, jax.Array]] = []
+  pending = None  # (step, metrics) of the previous step, checked one step late
+  tick, tick_step, profiling = time.perf_counter(), start, False
+  flops = None  # per step, from XLA's cost analysis of the step (0 when unavailable)
+  peak = peak_flops_per_second(train.get("peak_tflops_per_device", 0.0))
+  if start:
+    logging.info("resuming at step %d of %d", start, num_steps)
+  try:
+    for step in range(start + 1, num_steps + 1):
+      if profile and step == int(profile[0]) and not profiling:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        profiling = True
+      batch = next(data)
+      if flops is None:
+        flops = _step_flops(step_fn, state, batch)
+      state, m = step_fn(state, batch)
+      window.append(m)
+      if step == start + 1:  # the first step compiles: keep it out of step time and images/s
+        jax.block_until_ready(m)
+        tick, tick_step = time.perf_counter(), step
+      if pending is not None:
+        _check_finite(*pending, ckpt)
+      pending = (step, m)
+      if profiling and step >= int(profile[1]):
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profiling = False
+      if step % log_every == 0 or step == num_steps:
+        _check_finite(*pending, ckpt)
+        last = _mean_metrics(window)
+        last["lr"] = float(schedule(step - 1))
+        if step > tick_step:  # not on a window holding only the compiling first step
+          seconds = (time.perf_counter() - tick) / (step - tick_step)
+          last.update(step_time_s=seconds, images_per_s=images_per_step / seconds)
+          if flops:
+            last["tflops_per_s"] = flops / seconds / 1e12
+            if peak:
+              last["mfu"] = flops / seconds / peak
+        train_last = {f"train/{k}": v for k, v in last.items()}
+        writer.write_scalars(step, train_last)
+        window, tick, tick_step = [], time.perf_counter(), step
+      if ckpt_every and step % ckpt_every == 0 and step != num_steps:
+        _check_finite(*pending, ckpt)  # never save a step that did not update
+        ckpt.save(step, state, checkpoint_data)
+      for hook in hooks:
+        if (hook.every and step % hook.every == 0) or step == num_steps:
+          t0 = time.perf_counter()
+          out = hook.fn(step, state)
+          out = {f"{hook.name}/{k}": v for k, v in out.items()}
+          writer.write_scalars(step, out)
+          hook_last.update(out)
+          tick += time.perf_counter() - t0  # evaluation time is not training time
+    if num_steps > start:
+      _check_finite(*pending, ckpt)
+      ckpt.save(num_steps, state, checkpoint_data, force=True)
+  finally:
+    if profiling:
+      jax.profiler.stop_trace()
+    ckpt.close()
+    if own_writer:
+      writer.close()
+  return Result(state=state, setup=setup, start_step=start, metrics={**train_last, **hook_last})
+
+
+# Dense bf16 peak FLOP/s per chip (vendor figures) by `device_kind` prefix, for MFU.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0,
+    "NVIDIA A100": 312.0, "NVIDIA B200": 2250.0,
+}
+
+
+def peak_flops_per_second(per_device_tflops: float = 0.0) -> float:
+  """Peak FLOP/s of all devices: the config's figure per device, else the table; 0 if unknown."""
+  tflops = float(per_device_tflops or 0.0)
+  if not tflops:
+    kind = jax.devices()[0].device_kind
+    tflops = next((v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0]))
+                   if kind.startswith(k)), 0.0)
+  return tflops * 1e12 * jax.device_count()
+
+
+def _step_flops(step_fn, state, batch) -> float:
+  """FLOPs of one step from XLA's cost analysis of the lowered step (0.0 if unavailable)."""
+  try:
+    cost = step_fn.lower(state, batch).cost_analysis()
+  except Exception as e:  # pylint: disable=broad-except  # diagnostics only
+    logging.info("no cost analysis for the step: %s", e)
+    return 0.0
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def _check_finite(step: int, m: dict[str, jax.Array], ckpt: checkpoint_lib.Checkpointer) -> None:
+  if float(m["finite"]) > 0:
+    return
+  ckpt.wait()
+  good = ckpt.latest_step()
+  raise TrainingDiverged(
+      f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+      f"grad_norm={float(m['grad_norm'])}); training stopped. The last good checkpoint is "
+      f"{'step ' + str(good) if good is not None else 'none'} in {ckpt.directory}; lower "
+      "optim.lr, set optim.grad_clip_norm or lengthen optim.warmup_steps, then rerun with the "
+      "same --workdir to resume from it.")

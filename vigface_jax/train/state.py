@@ -1,0 +1,179 @@
+"""Train state born sharded, and the pure jitted training step every trainer uses.
+
+The model is an NNX module, but the training state is a plain pytree (`TrainState`):
+`nnx.split(model, nnx.Param, ...)` gives a static `graphdef`, the parameters and the rest
+(batch-norm statistics, the σ buffer, dropout RNG counters: every non-`Param` variable).
+Optax updates `params`; the forward pass writes the new `rest`. This keeps the step a pure
+function `(state, batch) -> (state, metrics)` that `jax.jit` compiles once, with explicit
+in/out shardings and the old state donated.
+
+Sharding: every variable carries logical axis names (`out_sharding` metadata, e.g.
+`('embed', 'classes')`); `state_shardings` maps them through the config's rules onto the mesh
+(`parallel.tree_shardings`), optimizer moments inherit their parameter's names, and
+everything unnamed (step, RNG, counters) is replicated. `create_state` runs the initialiser
+under `jax.jit(out_shardings=...)`, so no device ever holds a full copy of a sharded array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+from flax import struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import optax
+
+from vigface_jax import parallel
+
+# loss_fn(model, batch, rng) -> (loss, metrics). The model is merged in training mode; any
+# non-Param variable it writes (BN statistics, σ) becomes the next state's `rest`.
+LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array],
+                  tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step reads and writes; checkpointed as one pytree.
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: `nnx.State` of the model's `nnx.Param`s (float32 master weights).
+    rest: `nnx.State` of every other model variable (BN statistics, σ buffer, RNG counters).
+    opt_state: optax state of `params`.
+    ema: exponential moving average of `params`, or None when disabled.
+    rng: raw uint32 `[2]` key; step `t` uses `fold_in(rng, t)`, so resumed runs draw the
+      same randomness as uninterrupted ones.
+  """
+
+  step: jax.Array
+  params: Any
+  rest: Any
+  opt_state: Any
+  ema: Any
+  rng: jax.Array
+
+
+def _state_specs(abstract: TrainState) -> TrainState:
+  """Logical axis names of every leaf (None: replicated)."""
+  names = nnx.get_partition_spec(abstract)
+
+  def clean(x):
+    return x if isinstance(x, PartitionSpec) else PartitionSpec()
+
+  return jax.tree.map(clean, names, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def state_shardings(abstract: TrainState, mesh: Mesh,
+                    rules: parallel.LogicalRules = parallel.DEFAULT_RULES) -> TrainState:
+  """`NamedSharding` of every leaf of a (possibly abstract) `TrainState`."""
+  # Not parallel.tree_shardings: its leaf test would take optax's empty NamedTuple states
+  # for (empty) axis tuples.
+  return jax.tree.map(lambda spec: parallel.logical_sharding(mesh, tuple(spec), rules),
+                      _state_specs(abstract), is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+@dataclasses.dataclass
+class Setup:
+  """What `create_state` returns besides the state itself."""
+
+  graphdef: nnx.GraphDef
+  shardings: TrainState
+  abstract: TrainState  # ShapeDtypeStructs carrying the shardings (Orbax restore target)
+
+
+def create_state(
+    create_model: Callable[[nnx.Rngs], nnx.Module],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    seed: int,
+    rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
+    ema: bool = False,
+) -> tuple[TrainState, Setup]:
+  """Initialises the train state directly in its sharded layout.
+
+  `jax.eval_shape` traces the initialiser for shapes and logical names (no memory), those
+  become `NamedSharding`s, and the jitted initialiser writes each shard where it lives.
+
+  Args:
+    create_model: `create_model(rngs=nnx.Rngs)` builds the model in training mode.
+    tx: the optimizer.
+    mesh: device mesh.
+    seed: initialisation seed; also the root of the per-step RNG.
+    rules: logical-axis rules.
+    ema: keep an exponential moving average of the parameters.
+
+  Returns:
+    `(state, Setup(graphdef, shardings, abstract))`.
+  """
+
+  def init() -> TrainState:
+    model = create_model(rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                      opt_state=tx.init(params),
+                      ema=jax.tree.map(jnp.copy, params) if ema else None,
+                      rng=jax.random.PRNGKey(seed + 2))
+
+  graphdef = nnx.split(nnx.eval_shape(lambda: create_model(rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+  abstract = jax.eval_shape(init)
+  shardings = state_shardings(abstract, mesh, rules)
+  state = jax.jit(init, out_shardings=shardings)()
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return state, Setup(graphdef=graphdef, shardings=shardings, abstract=abstract)
+
+
+def merge(graphdef: nnx.GraphDef, state: TrainState, *, use_ema: bool = False) -> nnx.Module:
+  """The NNX model holding `state`'s parameters (or their EMA) and other variables."""
+  params = state.ema if use_ema and state.ema is not None else state.params
+  return nnx.merge(graphdef, params, state.rest)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    shardings: TrainState,
+    batch_sharding: NamedSharding,
+    *,
+    ema_decay: float = 0.0,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+  """The jitted step `(state, batch) -> (state, metrics)`; `state` is donated.
+
+  Metrics always include `loss`, `grad_norm` (before clipping) and `finite` (1.0 when the
+  loss, the gradient norm and the update norm are finite). A non-finite step changes nothing: the returned
+  state equals the input (step not incremented), so the caller can stop and keep the last
+  good checkpoint.
+  """
+  replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+
+  def step_fn(state: TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def objective(params):
+      model = nnx.merge(graphdef, params, state.rest, copy=True)
+      loss, metrics = loss_fn(model, batch, rng)
+      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (loss, (metrics, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+    new = state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state,
+                        ema=ema)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                   finite=finite.astype(jnp.float32))
+    return new, metrics
+
+  return jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
