@@ -117,7 +117,8 @@ def test_nonfinite_step_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_ema_and_metrics(tmp_path):
-  result = loop.fit(_toy_config(2, ema_decay=0.5), str(tmp_path), mesh=_mesh(),
+  result = loop.fit(_toy_config(2, ema_decay=0.5, profile_steps=(1, 2)), str(tmp_path),
+                    mesh=_mesh(),
                     create_model=_Toy, loss_fn=_toy_loss, data=_toy_batches([1, 1]),
                     images_per_step=4)
   first = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "1" / "state")
@@ -131,6 +132,8 @@ def test_ema_and_metrics(tmp_path):
   assert {"train/loss", "train/mse", "train/lr", "train/grad_norm", "train/images_per_s",
           "train/step_time_s", "train/tflops_per_s"} <= set(m), sorted(m)
   assert int(result.state.step) == 2
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces  # jax.profiler trace written
 
 
 # ------------------------------------------------------------------- stage 1
