@@ -292,3 +292,27 @@ print("OK")
 
 def test_class_axis_sharded_over_eight_devices_matches_data_parallel():
   run_on_fake_devices(_SHARDED, num_devices=8, timeout=600)
+
+
+class _ToyWithFrozen(nnx.Module):
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.dense = nnx.Linear(3, 1, rngs=rngs)
+    self.frozen = nnx.Linear(3, 3, rngs=rngs)
+
+
+def test_trainable_filter_keeps_a_frozen_network_fixed(tmp_path):
+  def loss_fn(model, batch, rng):
+    del rng
+    err = model.dense(model.frozen(batch["x"]))[:, 0] - batch["y"]
+    return jnp.mean(err * err), {}
+
+  trainable = nnx.All(nnx.Param, nnx.PathContains("dense"))
+  init = _ToyWithFrozen(rngs=nnx.Rngs(params=3, dropout=4))
+  result = loop.fit(_toy_config(2), str(tmp_path), mesh=_mesh(), create_model=_ToyWithFrozen,
+                    loss_fn=loss_fn, data=_toy_batches([1, 1]), images_per_step=4,
+                    trainable=trainable)
+  assert "frozen" not in result.state.params and "frozen" in result.state.rest
+  np.testing.assert_array_equal(result.state.rest["frozen"]["kernel"][...],
+                                init.frozen.kernel[...])
+  assert not np.allclose(result.state.params["dense"]["kernel"][...], init.dense.kernel[...])

@@ -76,6 +76,7 @@ def fit(
     hooks: Sequence[Hook] = (),
     make_hooks: Callable[[state_lib.Setup], Sequence[Hook]] | None = None,
     writer: metrics_lib.MetricWriter | None = None,
+    trainable: Any = nnx.Param,
 ) -> Result:
   """Trains `config.train.num_steps` steps, resuming from `workdir/checkpoints` if present.
 
@@ -91,6 +92,7 @@ def fit(
     hooks: evaluation hooks.
     make_hooks: builds more hooks once the graphdef is known.
     writer: metric writer (default: one on `workdir`).
+    trainable: NNX filter of the optimised variables (see `state.create_state`).
 
   Returns:
     The final state and setup, the first step run in this process and the last metrics.
@@ -101,7 +103,7 @@ def fit(
   tx, schedule = optim.make_optimizer(config.optim, num_steps)
   ema_decay = float(train.get("ema_decay", 0.0))
   state, setup = state_lib.create_state(create_model, tx, mesh, seed=int(train.seed),
-                                        rules=rules, ema=ema_decay > 0)
+                                        rules=rules, ema=ema_decay > 0, trainable=trainable)
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=int(train.get("keep_checkpoints", 3)),
                                      async_save=bool(train.get("async_checkpoint", True)))
   checkpoint_data = data if hasattr(data, "get_state") else None
@@ -110,7 +112,8 @@ def fit(
     state = restored
   start = int(jax.device_get(state.step))
   step_fn = state_lib.make_train_step(setup.graphdef, loss_fn, tx, setup.shardings,
-                                      parallel.batch_sharding(mesh, rules), ema_decay=ema_decay)
+                                      parallel.batch_sharding(mesh, rules), ema_decay=ema_decay,
+                                      trainable=trainable)
   hooks = list(hooks) + list(make_hooks(setup) if make_hooks else [])
   own_writer = writer is None
   writer = writer or metrics_lib.MetricWriter(workdir)

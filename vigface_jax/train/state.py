@@ -92,6 +92,7 @@ def create_state(
     seed: int,
     rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
     ema: bool = False,
+    trainable: Any = nnx.Param,
 ) -> tuple[TrainState, Setup]:
   """Initialises the train state directly in its sharded layout.
 
@@ -105,6 +106,8 @@ def create_state(
     seed: initialisation seed; also the root of the per-step RNG.
     rules: logical-axis rules.
     ema: keep an exponential moving average of the parameters.
+    trainable: NNX filter of the variables the optimizer updates (default every `nnx.Param`);
+      the others (e.g. a frozen network inside the model) travel in `rest`.
 
   Returns:
     `(state, Setup(graphdef, shardings, abstract))`.
@@ -112,13 +115,13 @@ def create_state(
 
   def init() -> TrainState:
     model = create_model(rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-    _, params, rest = nnx.split(model, nnx.Param, ...)
+    _, params, rest = nnx.split(model, trainable, ...)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                       opt_state=tx.init(params),
                       ema=jax.tree.map(jnp.copy, params) if ema else None,
                       rng=jax.random.PRNGKey(seed + 2))
 
-  graphdef = nnx.split(nnx.eval_shape(lambda: create_model(rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+  graphdef = nnx.split(nnx.eval_shape(lambda: create_model(rngs=nnx.Rngs(0))), trainable, ...)[0]
   abstract = jax.eval_shape(init)
   shardings = state_shardings(abstract, mesh, rules)
   state = jax.jit(init, out_shardings=shardings)()
@@ -141,6 +144,7 @@ def make_train_step(
     batch_sharding: NamedSharding,
     *,
     ema_decay: float = 0.0,
+    trainable: Any = nnx.Param,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted step `(state, batch) -> (state, metrics)`; `state` is donated.
 
@@ -157,7 +161,7 @@ def make_train_step(
     def objective(params):
       model = nnx.merge(graphdef, params, state.rest, copy=True)
       loss, metrics = loss_fn(model, batch, rng)
-      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+      return loss, (metrics, nnx.state(model, nnx.Not(trainable)))
 
     (loss, (metrics, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
