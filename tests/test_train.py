@@ -309,10 +309,16 @@ def test_trainable_filter_keeps_a_frozen_network_fixed(tmp_path):
 
   trainable = nnx.All(nnx.Param, nnx.PathContains("dense"))
   init = _ToyWithFrozen(rngs=nnx.Rngs(params=3, dropout=4))
+  pretrained = np.full((3, 3), 0.5, np.float32)
+
+  def initialize(state, setup):  # "load" the frozen network's weights into a fresh state
+    del setup
+    state.rest["frozen"]["kernel"][...] = jnp.asarray(pretrained)
+    return state
+
   result = loop.fit(_toy_config(2), str(tmp_path), mesh=_mesh(), create_model=_ToyWithFrozen,
                     loss_fn=loss_fn, data=_toy_batches([1, 1]), images_per_step=4,
-                    trainable=trainable)
+                    trainable=trainable, initialize=initialize)
   assert "frozen" not in result.state.params and "frozen" in result.state.rest
-  np.testing.assert_array_equal(result.state.rest["frozen"]["kernel"][...],
-                                init.frozen.kernel[...])
+  np.testing.assert_array_equal(result.state.rest["frozen"]["kernel"][...], pretrained)
   assert not np.allclose(result.state.params["dense"]["kernel"][...], init.dense.kernel[...])

@@ -77,6 +77,8 @@ def fit(
     make_hooks: Callable[[state_lib.Setup], Sequence[Hook]] | None = None,
     writer: metrics_lib.MetricWriter | None = None,
     trainable: Any = nnx.Param,
+    initialize: Callable[[state_lib.TrainState, state_lib.Setup], state_lib.TrainState]
+    | None = None,
 ) -> Result:
   """Trains `config.train.num_steps` steps, resuming from `workdir/checkpoints` if present.
 
@@ -93,6 +95,8 @@ def fit(
     make_hooks: builds more hooks once the graphdef is known.
     writer: metric writer (default: one on `workdir`).
     trainable: NNX filter of the optimised variables (see `state.create_state`).
+    initialize: `(state, setup) -> state` applied to a fresh state only (not on resume),
+      e.g. to load pretrained or frozen weights; it must keep shapes and shardings.
 
   Returns:
     The final state and setup, the first step run in this process and the last metrics.
@@ -110,6 +114,8 @@ def fit(
   restored = ckpt.restore_latest(setup.abstract, checkpoint_data)
   if restored is not None:
     state = restored
+  elif initialize is not None:
+    state = initialize(state, setup)
   start = int(jax.device_get(state.step))
   step_fn = state_lib.make_train_step(setup.graphdef, loss_fn, tx, setup.shardings,
                                       parallel.batch_sharding(mesh, rules), ema_decay=ema_decay,
