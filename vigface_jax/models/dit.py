@@ -1,0 +1,428 @@
+"""Pixel-space Diffusion Transformer (DiT) in Flax NNX, VIGFace stage 2's denoiser.
+
+A port of facebookresearch/DiT `models.py` (Peebles & Xie, "Scalable Diffusion Models with
+Transformers") working directly on 112×112 face images instead of VAE latents, conditioned
+on a class-centre row of the stage-1 recognition head instead of a class label.
+
+Structure (`DiT.__call__(x, t, cond)`):
+
+* **Input.** `x` `[b, H, W, in_channels]` NHWC, for VIGFace the noisy image concatenated
+  with the landmark image (6 channels); `t` `[b]` timesteps (int or float); `cond`
+  `[b, cond_dim]` class-centre rows.
+* **Patch embedding.** Non-overlapping `p × p` patches flattened in `(p_h, p_w, channel)`
+  order and projected by a dense layer (the same function as DiT's conv with
+  kernel = stride = p), plus fixed 2-D sin-cos position embeddings (DiT's
+  `get_2d_sincos_pos_embed`, computed with numpy; a constant, not a parameter).
+* **Conditioning.** `c = TimestepEmbedder(t) + Linear(cond)`: DiT's 256-frequency
+  sinusoidal embedding followed by `Linear -> SiLU -> Linear`, and a learned projection
+  of the condition row (replacing DiT's `LabelEmbedder`).
+* **Null condition.** Classifier-free guidance uses the **zero vector** as the
+  unconditional input. Since `Linear(0) = bias`, a zero row gives exactly the learned
+  "unconditional" embedding `cond_proj.bias`; `cond=None` computes that path directly
+  (bit-identical to passing zeros).
+* **Blocks.** adaLN-Zero transformer blocks: `SiLU(c) -> Linear(6 * hidden)` gives
+  shift/scale/gate for attention and MLP; LayerNorm without affine (eps 1e-6);
+  multi-head self-attention via `jax.nn.dot_product_attention`; MLP with tanh-GELU.
+* **Final layer.** adaLN (shift/scale) + LayerNorm + `Linear(p * p * out_channels)`,
+  then unpatchify to `[b, H, W, out_channels]` (always float32).
+
+Initialisation follows DiT's `initialize_weights`: xavier-uniform dense kernels (the
+patch embedding on its flattened `[p * p * C, hidden]` kernel) and zero biases, normal(0.02)
+timestep-MLP kernels, zero adaLN modulation and zero final linear layer, so the network
+output is **exactly zero at init** and every block starts as the identity. The condition
+projection is a dense layer and gets xavier-uniform like the others.
+
+Conventions:
+
+* **dtype contract.** Dense layers and attention run in `dtype` (bf16 on accelerators);
+  parameters are `param_dtype`. LayerNorm statistics, the modulation
+  `x * (1 + scale) + shift`, the gated residual stream between blocks and the output are
+  float32; `jax.nn.dot_product_attention` keeps its logits/softmax in float32.
+* **Logical axes** (see `parallel.DEFAULT_RULES`): kernels reading the residual stream
+  are `('embed', 'mlp')` / `('embed', 'heads')`, those writing it `('mlp', 'embed')` /
+  `('heads', 'embed')`, biases follow their output dimension. Input-side dimensions
+  without a rule (`'patch'`, `'freq'`, `'cond'`) are replicated. The qkv projection's
+  output is laid out heads-major (`[heads, 3, head_dim]` flattened), so sharding it
+  over 'model' in contiguous blocks splits whole heads. With `scan_blocks=True` the
+  stacked block parameters get a leading `'layers'` axis (replicated).
+* **remat / scan.** `remat=True` rematerialises each block in the backward pass
+  (`nnx.remat`); `scan_blocks=True` creates the blocks with `nnx.vmap` (parameters
+  stacked over depth) and runs them with `nnx.scan` (one compiled block instead of
+  `depth`). Both give the plain loop's result for the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LN_EPS = 1e-6
+FREQ_DIM = 256
+MAX_PERIOD = 10000
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One DiT size: hidden width, number of blocks, attention heads."""
+
+  hidden: int
+  depth: int
+  heads: int
+
+
+VARIANTS: dict[str, Variant] = {
+    "S": Variant(384, 12, 6),
+    "B": Variant(768, 12, 12),
+    "L": Variant(1024, 24, 16),
+    "XL": Variant(1152, 28, 16),
+    # The CPU demo: a few minutes of training on 2 cores.
+    "small": Variant(192, 6, 3),
+    # For tests only: same code paths at a fraction of the cost.
+    "tiny": Variant(32, 2, 2),
+}
+
+
+def get_variant(name: str) -> Variant:
+  """The `Variant` called `name`; ValueError listing the known names otherwise."""
+  if name not in VARIANTS:
+    raise ValueError(f"Unknown DiT variant {name!r}; known: {sorted(VARIANTS)}")
+  return VARIANTS[name]
+
+
+def _meta(*names: str) -> dict[str, Any]:
+  # eager_sharding=False: the names are only metadata here; state is placed by
+  # the trainer (eval_shape -> shardings -> jitted init), not at construction.
+  return {"out_sharding": names, "eager_sharding": False}
+
+
+# --- Fixed embeddings (numpy / jnp functions of static shapes) -------------
+
+
+def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+  """DiT's 1-D sin-cos embedding: `pos` (any shape, M values) -> `[M, embed_dim]`."""
+  if embed_dim % 2:
+    raise ValueError(f"embed_dim must be even, got {embed_dim}")
+  omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+  omega = 1.0 / 10000**omega
+  out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+@functools.lru_cache(maxsize=32)
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+  """DiT's `get_2d_sincos_pos_embed`: float32 `[grid_size ** 2, embed_dim]`, row-major grid.
+
+  The first half of the channels encodes the column (w) coordinate and the second half
+  the row (h) coordinate, exactly as in DiT (which builds `np.meshgrid(grid_w, grid_h)`).
+  """
+  if embed_dim % 4:
+    raise ValueError(f"hidden size must be a multiple of 4 for 2-D sin-cos, got {embed_dim}")
+  grid_h = np.arange(grid_size, dtype=np.float32)
+  grid_w = np.arange(grid_size, dtype=np.float32)
+  grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0)  # w goes first, as in DiT
+  emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])
+  emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
+  out = np.concatenate([emb_h, emb_w], axis=1).astype(np.float32)
+  out.setflags(write=False)
+  return out
+
+
+def timestep_embedding(t: jax.Array, dim: int = FREQ_DIM,
+                       max_period: int = MAX_PERIOD) -> jax.Array:
+  """DiT's sinusoidal timestep embedding: `[b]` -> float32 `[b, dim]` (`[cos, sin]`)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+def _layer_norm(x: jax.Array) -> jax.Array:
+  """LayerNorm over the last axis without affine parameters, in float32."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + LN_EPS)
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """DiT's `modulate` in float32; `shift`/`scale` are `[b, hidden]`."""
+  return x * (1.0 + scale[:, None].astype(jnp.float32)) + shift[:, None].astype(jnp.float32)
+
+
+# --- Layers ----------------------------------------------------------------
+
+_XAVIER = nnx.initializers.xavier_uniform()
+_ZEROS = nnx.initializers.zeros_init()
+
+
+class _Common:
+  """Constructor arguments shared by every layer of one network."""
+
+  def __init__(self, dtype, param_dtype, precision):
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.precision = precision
+
+  def dense(self, n_in: int, n_out: int, axes: tuple[str, str], rngs: nnx.Rngs, *,
+            kernel_init: Any = _XAVIER) -> nnx.Linear:
+    """A Linear with logical axes `axes` on the kernel and `axes[1]` on the bias (zero)."""
+    return nnx.Linear(
+        n_in, n_out, dtype=self.dtype, param_dtype=self.param_dtype,
+        precision=self.precision, kernel_init=kernel_init, bias_init=_ZEROS,
+        kernel_metadata=_meta(*axes), bias_metadata=_meta(axes[1]), rngs=rngs,
+    )
+
+
+class TimestepEmbedder(nnx.Module):
+  """DiT's `TimestepEmbedder`: `[b]` timesteps -> `[b, hidden]` (compute dtype)."""
+
+  def __init__(self, hidden: int, c: _Common, rngs: nnx.Rngs):
+    normal = nnx.initializers.normal(0.02)
+    self.dtype = c.dtype
+    self.fc1 = c.dense(FREQ_DIM, hidden, ("freq", "mlp"), rngs, kernel_init=normal)
+    self.fc2 = c.dense(hidden, hidden, ("mlp", "embed"), rngs, kernel_init=normal)
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    h = self.fc1(timestep_embedding(t).astype(self.dtype))
+    return self.fc2(jax.nn.silu(h))
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention: `[b, n, hidden]` -> `[b, n, hidden]` (compute dtype)."""
+
+  def __init__(self, hidden: int, heads: int, c: _Common, rngs: nnx.Rngs):
+    if hidden % heads:
+      raise ValueError(f"hidden size {hidden} is not divisible by heads {heads}")
+    self.heads = heads
+    self.dtype = c.dtype
+    self.qkv = c.dense(hidden, 3 * hidden, ("embed", "heads"), rngs)
+    self.proj = c.dense(hidden, hidden, ("heads", "embed"), rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, d = x.shape
+    qkv = self.qkv(x.astype(self.dtype)).reshape(b, n, self.heads, 3, d // self.heads)
+    q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+    out = jax.nn.dot_product_attention(q, k, v)
+    return self.proj(out.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+  """`Linear -> GELU(tanh) -> Linear`, `[..., hidden]` -> `[..., hidden]`."""
+
+  def __init__(self, hidden: int, mlp_hidden: int, c: _Common, rngs: nnx.Rngs):
+    self.dtype = c.dtype
+    self.fc1 = c.dense(hidden, mlp_hidden, ("embed", "mlp"), rngs)
+    self.fc2 = c.dense(mlp_hidden, hidden, ("mlp", "embed"), rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x.astype(self.dtype)), approximate=True))
+
+
+class DiTBlock(nnx.Module):
+  """adaLN-Zero block: `x` float32 `[b, n, hidden]`, `c` `[b, hidden]` -> float32 `x`."""
+
+  def __init__(self, hidden: int, heads: int, mlp_ratio: float, c: _Common, rngs: nnx.Rngs):
+    self.dtype = c.dtype
+    self.attn = Attention(hidden, heads, c, rngs)
+    self.mlp = Mlp(hidden, int(hidden * mlp_ratio), c, rngs)
+    self.adaLN_modulation = c.dense(  # pylint: disable=invalid-name
+        hidden, 6 * hidden, ("embed", "mlp"), rngs, kernel_init=_ZEROS)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    mod = self.adaLN_modulation(jax.nn.silu(c.astype(self.dtype))).astype(jnp.float32)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
+    h = self.attn(_modulate(_layer_norm(x), shift_msa, scale_msa))
+    x = x + gate_msa[:, None] * h.astype(jnp.float32)
+    h = self.mlp(_modulate(_layer_norm(x), shift_mlp, scale_mlp))
+    return x + gate_mlp[:, None] * h.astype(jnp.float32)
+
+
+class FinalLayer(nnx.Module):
+  """DiT's `FinalLayer`: adaLN + LayerNorm + zero linear -> float32 `[b, n, p * p * out]`."""
+
+  def __init__(self, hidden: int, patch_dim: int, c: _Common, rngs: nnx.Rngs):
+    self.dtype = c.dtype
+    self.adaLN_modulation = c.dense(  # pylint: disable=invalid-name
+        hidden, 2 * hidden, ("embed", "mlp"), rngs, kernel_init=_ZEROS)
+    self.linear = c.dense(hidden, patch_dim, ("embed", "patch"), rngs, kernel_init=_ZEROS)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    mod = self.adaLN_modulation(jax.nn.silu(c.astype(self.dtype))).astype(jnp.float32)
+    shift, scale = jnp.split(mod, 2, -1)
+    x = _modulate(_layer_norm(x), shift, scale)
+    return self.linear(x.astype(self.dtype)).astype(jnp.float32)
+
+
+def _block_call(block: DiTBlock, x: jax.Array, c: jax.Array) -> jax.Array:
+  return block(x, c)
+
+
+# --- The network -------------------------------------------------------------
+
+
+class DiT(nnx.Module):
+  """Diffusion Transformer: `(x, t, cond)` -> float32 `[b, H, W, out_channels]`."""
+
+  def __init__(
+      self,
+      variant: str | Variant,
+      *,
+      patch_size: int = 8,
+      input_size: int = 112,
+      in_channels: int = 6,
+      out_channels: int = 3,
+      cond_dim: int = 512,
+      mlp_ratio: float = 4.0,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      precision: jax.lax.Precision | None = None,
+      remat: bool = False,
+      scan_blocks: bool = False,
+      rngs: nnx.Rngs,
+  ):
+    """Creates a DiT initialised as DiT's `initialize_weights` (output exactly zero).
+
+    Args:
+      variant: a `VARIANTS` name ('S', 'B', 'L', 'XL', 'small', 'tiny') or a `Variant`.
+      patch_size: side of the square patches; must divide `input_size` (for 112:
+        1, 2, 4, 7, 8, 14, 16, ...).
+      input_size: square image side.
+      in_channels: input channels (noisy image ⊕ landmark image: 6).
+      out_channels: predicted channels (3: the noise or the clean image).
+      cond_dim: size of a condition row (the stage-1 class centre, 512).
+      mlp_ratio: MLP hidden size / hidden size.
+      dtype: compute dtype (see the module docstring for what stays float32).
+      param_dtype: parameter dtype.
+      precision: matmul precision (None: backend default).
+      remat: rematerialise each block in the backward pass (`nnx.remat`).
+      scan_blocks: stack the blocks' parameters over depth and run them with `nnx.scan`.
+      rngs: initialisation RNGs.
+
+    Raises:
+      ValueError: unknown variant, a patch size that does not divide `input_size`, or a
+        hidden size that heads / 2-D sin-cos cannot split.
+    """
+    v = get_variant(variant) if isinstance(variant, str) else variant
+    if patch_size < 1 or input_size % patch_size:
+      divisors = [p for p in range(1, input_size + 1) if input_size % p == 0]
+      raise ValueError(f"patch_size must divide input_size={input_size} (one of {divisors}), "
+                       f"got {patch_size}")
+    if v.hidden % 4:
+      raise ValueError(f"hidden size must be a multiple of 4, got {v.hidden}")
+    c = _Common(dtype, param_dtype, precision)
+    self.variant = v
+    self.patch_size = patch_size
+    self.input_size = input_size
+    self.in_channels = in_channels
+    self.out_channels = out_channels
+    self.cond_dim = cond_dim
+    self.dtype = dtype
+    self.remat = remat
+    self.scan_blocks = scan_blocks
+    hidden = v.hidden
+    self.x_embedder = c.dense(patch_size * patch_size * in_channels, hidden,
+                              ("patch", "embed"), rngs)
+    self.t_embedder = TimestepEmbedder(hidden, c, rngs)
+    self.cond_proj = c.dense(cond_dim, hidden, ("cond", "embed"), rngs)
+    if scan_blocks:
+      @nnx.split_rngs(splits=v.depth)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def create_blocks(rngs: nnx.Rngs) -> DiTBlock:
+        return DiTBlock(hidden, v.heads, mlp_ratio, c, rngs)
+
+      self.blocks = create_blocks(rngs)
+    else:
+      self.blocks = nnx.List([DiTBlock(hidden, v.heads, mlp_ratio, c, rngs)
+                              for _ in range(v.depth)])
+    self.final_layer = FinalLayer(hidden, patch_size * patch_size * out_channels, c, rngs)
+
+  @property
+  def grid_size(self) -> int:
+    """Patches per side."""
+    return self.input_size // self.patch_size
+
+  def patchify(self, x: jax.Array) -> jax.Array:
+    """`[b, H, W, C]` -> `[b, (H/p) * (W/p), p * p * C]`, patches row-major, (p_h, p_w, C)."""
+    b, _, _, ch = x.shape
+    p, g = self.patch_size, self.grid_size
+    x = x.reshape(b, g, p, g, p, ch).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, g * g, p * p * ch)
+
+  def unpatchify(self, x: jax.Array) -> jax.Array:
+    """Inverse of `patchify`: `[b, n, p * p * C]` -> `[b, H, W, C]`."""
+    b = x.shape[0]
+    p, g = self.patch_size, self.grid_size
+    ch = x.shape[-1] // (p * p)
+    x = x.reshape(b, g, g, p, p, ch).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, g * p, g * p, ch)
+
+  def embed_condition(self, t: jax.Array, cond: jax.Array | None) -> jax.Array:
+    """`c = t_emb + Linear(cond)`; `cond=None` is the null (all-zero) condition."""
+    t_emb = self.t_embedder(t)
+    if cond is None:
+      # Linear(0) == bias exactly: the unconditional embedding.
+      y_emb = self.cond_proj.bias[...].astype(self.dtype)[None]
+    else:
+      y_emb = self.cond_proj(jnp.asarray(cond).astype(self.dtype))
+    return t_emb + y_emb
+
+  def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array | None = None) -> jax.Array:
+    """Predicts the denoiser target.
+
+    Args:
+      x: `[b, input_size, input_size, in_channels]` NHWC (noisy image ⊕ landmarks).
+      t: `[b]` timesteps, int or float (a scalar is broadcast over the batch).
+      cond: `[b, cond_dim]` condition rows, or None for the null condition (equal to a
+        zero row: see the module docstring).
+
+    Returns:
+      float32 `[b, input_size, input_size, out_channels]`.
+    """
+    expected = (self.input_size, self.input_size, self.in_channels)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+      raise ValueError(f"DiT input must be [batch, {', '.join(map(str, expected))}], "
+                       f"got {x.shape}")
+    b = x.shape[0]
+    t = jnp.broadcast_to(jnp.asarray(t), (b,))
+    if cond is not None and tuple(cond.shape) != (b, self.cond_dim):
+      raise ValueError(f"cond must be [{b}, {self.cond_dim}], got {cond.shape}")
+    pos = get_2d_sincos_pos_embed(self.variant.hidden, self.grid_size)
+    h = self.x_embedder(self.patchify(x.astype(self.dtype))).astype(jnp.float32)
+    h = h + jnp.asarray(pos)[None]
+    c = self.embed_condition(t, cond)
+    step = nnx.remat(_block_call) if self.remat else _block_call
+    if self.scan_blocks:
+      @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry,
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run_blocks(h: jax.Array, block: DiTBlock, c: jax.Array) -> jax.Array:
+        return step(block, h, c)
+
+      h = run_blocks(h, self.blocks, c)
+    else:
+      for block in self.blocks:
+        h = step(block, h, c)
+    return self.unpatchify(self.final_layer(h, c))
+
+
+# --- Parameter counting ---------------------------------------------------
+
+
+def parameter_count(variant: str | Variant, patch_size: int = 8, **kwargs: Any) -> int:
+  """Number of `nnx.Param` entries of a DiT, from an abstract init (no memory).
+
+  `kwargs` go to `DiT` (input_size, in_channels, out_channels, cond_dim, mlp_ratio, ...).
+  The fixed position embedding is not a parameter and is not counted.
+  """
+  model = nnx.eval_shape(
+      lambda: DiT(variant, patch_size=patch_size, rngs=nnx.Rngs(0), **kwargs))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
