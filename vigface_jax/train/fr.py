@@ -140,14 +140,18 @@ def num_real_classes(config: ml_collections.ConfigDict, source: Any) -> int:
   return int(n)
 
 
-def _check_data(config: ml_collections.ConfigDict) -> None:
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """ConfigError unless the data source can be built (a path for the file sources)."""
   data = config.data
   if data.source != "procedural" and not data.get("path"):
     raise config_lib.ConfigError(
-        f"data.path is not set: stage 1 trains on a face dataset you keep (data.source="
+        f"data.path is not set: task {config.task!r} trains on a face dataset you keep (data.source="
         f"{data.source!r}, e.g. CASIA-WebFace's train.rec from insightface); pass "
         "--config.data.path=/path/to/faces_webface_112x112/train.rec, or use "
-        "--config=configs/fr.py:demo for procedural faces")
+        f"--config=configs/{config.task}.py:demo for procedural faces")
+
+
+def _check_bins(config: ml_collections.ConfigDict) -> None:
   for bin_path in config.eval.get("bins", ()) or ():
     if not os.path.exists(bin_path):
       raise config_lib.ConfigError(f"eval.bins: {bin_path} does not exist")
@@ -209,7 +213,8 @@ REQUIRED_FIELDS = ("data.source", "train.num_steps", "model.arch")
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains stage 1, exports the backbone and writes the prototype report."""
-  _check_data(config)
+  check_data(config)
+  _check_bins(config)
   if config.margin.name not in _MARGINS:
     raise config_lib.ConfigError(f"margin.name={config.margin.name!r} is not one of {_MARGINS}")
   rules = config.get("sharding_rules", parallel.DEFAULT_RULES)

@@ -9,6 +9,7 @@ Fields of `config.train` read here:
   async_checkpoint: save in the background (default True).
   eval_every: steps between evaluation hooks (0: only at the end).
   ema_decay: EMA of the parameters (0: off).
+  ema_warmup: use `min(ema_decay, (1 + t) / (10 + t))` at step t (default False).
   profile_steps: `(start, stop)` steps traced by `jax.profiler` into `workdir/profile`, or ().
   peak_tflops_per_device: peak FLOP/s for the MFU figure (0: from `PEAK_TFLOPS` by device
     kind; no MFU when unknown, e.g. on CPU). TFLOP/s achieved is always logged.
@@ -119,6 +120,7 @@ def fit(
   start = int(jax.device_get(state.step))
   step_fn = state_lib.make_train_step(setup.graphdef, loss_fn, tx, setup.shardings,
                                       parallel.batch_sharding(mesh, rules), ema_decay=ema_decay,
+                                      ema_warmup=bool(train.get("ema_warmup", False)),
                                       trainable=trainable)
   hooks = list(hooks) + list(make_hooks(setup) if make_hooks else [])
   own_writer = writer is None

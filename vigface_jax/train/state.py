@@ -144,6 +144,7 @@ def make_train_step(
     batch_sharding: NamedSharding,
     *,
     ema_decay: float = 0.0,
+    ema_warmup: bool = False,
     trainable: Any = nnx.Param,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted step `(state, batch) -> (state, metrics)`; `state` is donated.
@@ -169,7 +170,11 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
     if ema is not None:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+      decay = jnp.float32(ema_decay)
+      if ema_warmup:  # short runs are not dominated by the initialisation
+        step = state.step.astype(jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
     new = state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state,
                         ema=ema)
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
