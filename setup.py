@@ -28,7 +28,8 @@ setuptools.setup(
         # Test-only dependencies; never imported by library code.
         # facenet-pytorch (for its O-Net weights file) must be installed with --no-deps: its
         # own requirements would replace torch; README's install command does that.
-        "test": ["pytest==9.0.3", "torch==2.13.0", "scikit-image==0.26.0"],
+        "test": ["pytest==9.0.3", "torch==2.13.0", "scikit-image==0.26.0",
+                 "diffusers==0.35.1"],
     },
     license="Apache-2.0",
 )

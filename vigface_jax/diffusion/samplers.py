@@ -1,0 +1,261 @@
+"""DDIM / DDPM samplers (diffusers-exact step rules) and classifier-free guidance.
+
+A denoiser is `model_fn(x_t, t) -> prediction` with x_t [b, H, W, C] float32 and t int32 [b];
+what it predicts ('eps', 'v' or 'x0') is passed separately as `kind`. Each sampler runs its
+steps as one `jax.lax.scan`, so under `jax.jit` (with `model_fn`, `shape` and the keyword
+options static, e.g. via `functools.partial`) it compiles once whatever `num_steps`. Timesteps
+are host-side numpy (static Python ints). Results are deterministic for a fixed `rng`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vigface_jax.diffusion.parameterization import pred_to_x0_eps_coef
+from vigface_jax.diffusion.schedules import Schedule
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def timesteps(
+    num_train: int, num_steps: int, spacing: str = "leading", steps_offset: int = 0
+) -> np.ndarray:
+  """Inference timesteps, descending, exactly as diffusers `DDIMScheduler.set_timesteps`.
+
+  Args:
+    num_train: number of training timesteps T.
+    num_steps: number of sampling steps (≤ T).
+    spacing: 'leading' (k·⌊T/n⌋ + offset), 'trailing' (round(T − k·T/n) − 1) or 'linspace'
+      (round(linspace(0, T − 1, n))), see Lin et al. 2023, Table 2.
+    steps_offset: added to 'leading' timesteps (diffusers' `steps_offset`).
+
+  Returns:
+    int64 numpy array [num_steps].
+  """
+  if not 0 < num_steps <= num_train:
+    raise ValueError(f"num_steps must be in [1, {num_train}], got {num_steps}")
+  if spacing == "linspace":
+    ts = np.linspace(0, num_train - 1, num_steps).round()[::-1].copy().astype(np.int64)
+  elif spacing == "leading":
+    step_ratio = num_train // num_steps
+    ts = (np.arange(0, num_steps) * step_ratio).round()[::-1].copy().astype(np.int64)
+    ts += steps_offset
+  elif spacing == "trailing":
+    step_ratio = num_train / num_steps
+    ts = np.round(np.arange(num_train, 0, -step_ratio)).astype(np.int64) - 1
+  else:
+    raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+  return ts
+
+
+def _initial_noise(
+    rng: jax.Array | None,
+    shape: Sequence[int],
+    x_T: jax.Array | None,  # pylint: disable=invalid-name
+) -> tuple[jax.Array, jax.Array | None]:
+  """(x_T, rng for the steps): x_T drawn from N(0, I) unless given."""
+  if rng is None:
+    if x_T is None:
+      raise ValueError("rng is required unless x_T is given")
+    return jnp.asarray(x_T, jnp.float32), None
+  rng_init, rng_steps = jax.random.split(rng)
+  if x_T is None:
+    x_T = jax.random.normal(rng_init, tuple(shape), jnp.float32)
+  return jnp.asarray(x_T, jnp.float32), rng_steps
+
+
+def _step_keys(rng: jax.Array | None, num_steps: int) -> jax.Array:
+  if rng is None:
+    return jnp.zeros((num_steps,), jnp.uint32)  # placeholder: never used to draw noise
+  return jax.random.split(rng, num_steps)
+
+
+def _finish(x: jax.Array, traj: jax.Array, return_trajectory: bool) -> Any:
+  return (x, traj) if return_trajectory else x
+
+
+def ddim_sample(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    shape: Sequence[int],
+    rng: jax.Array | None,
+    *,
+    num_steps: int = 50,
+    eta: float = 0.0,
+    kind: str = "v",
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    clip_x0: float | None = None,
+    set_alpha_to_one: bool = True,
+    use_clipped_model_output: bool = False,
+    x_T: jax.Array | None = None,  # pylint: disable=invalid-name
+    return_trajectory: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """DDIM (Song et al. 2021) with diffusers' `DDIMScheduler.step` rule.
+
+  The previous timestep is t − ⌊T/n⌋ (as diffusers, for every spacing); below zero it uses
+  ᾱ = 1 (`set_alpha_to_one`) or ᾱ_0.
+
+  Args:
+    model_fn: denoiser (x_t [b, ...], t int32 [b]) -> prediction of `kind`.
+    schedule: the training noise schedule.
+    shape: sample shape [b, H, W, C] (static).
+    rng: PRNG key for x_T and the η > 0 noise; may be None when x_T is given and eta == 0.
+    num_steps: number of denoising steps.
+    eta: DDIM η (0: deterministic; 1: DDPM-like variance).
+    kind: 'eps', 'v' or 'x0'.
+    spacing: timestep spacing, see `timesteps`.
+    steps_offset: diffusers' `steps_offset` for 'leading'.
+    clip_x0: if set, x̂0 is clipped to [−clip_x0, clip_x0].
+    set_alpha_to_one: final ᾱ_prev = 1 (else ᾱ_0).
+    use_clipped_model_output: recompute ε̂ from the clipped x̂0 (diffusers' flag).
+    x_T: optional starting noise of `shape` (float32).
+    return_trajectory: also return the samples after every step [num_steps, *shape].
+
+  Returns:
+    x_0 [*shape] (and the trajectory when `return_trajectory`).
+  """
+  T = schedule.num_timesteps  # pylint: disable=invalid-name
+  ts = timesteps(T, num_steps, spacing, steps_offset)
+  prev = ts - T // num_steps
+  ac = schedule.alphas_cumprod
+  final = jnp.float32(1.0) if set_alpha_to_one else ac[0]
+  a_t = ac[ts]
+  a_prev = jnp.where(prev >= 0, ac[np.maximum(prev, 0)], final)
+  if eta > 0 and rng is None:
+    raise ValueError("eta > 0 needs an rng")
+  x, rng = _initial_noise(rng, shape, x_T)
+  keys = _step_keys(rng, num_steps)
+  t_arr = jnp.asarray(ts, jnp.int32)
+
+  def body(x, inp):
+    t, alpha, alpha_prev, key = inp
+    pred = model_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
+    sqrt_a, sqrt_1ma = alpha**0.5, (1.0 - alpha) ** 0.5
+    x0, eps = pred_to_x0_eps_coef(kind, pred.astype(jnp.float32), x, sqrt_a, sqrt_1ma)
+    if clip_x0 is not None:
+      x0 = jnp.clip(x0, -clip_x0, clip_x0)
+      if use_clipped_model_output:
+        eps = (x - sqrt_a * x0) / sqrt_1ma
+    variance = ((1.0 - alpha_prev) / (1.0 - alpha)) * (1.0 - alpha / alpha_prev)
+    std = eta * variance**0.5
+    direction = jnp.maximum(1.0 - alpha_prev - std**2, 0.0) ** 0.5 * eps
+    x_prev = alpha_prev**0.5 * x0 + direction
+    if eta > 0:
+      x_prev = x_prev + std * jax.random.normal(key, x.shape, jnp.float32)
+    return x_prev, x_prev
+
+  x, traj = jax.lax.scan(body, x, (t_arr, a_t, a_prev, keys))
+  return _finish(x, traj, return_trajectory)
+
+
+def ddpm_sample(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    shape: Sequence[int],
+    rng: jax.Array,
+    *,
+    num_steps: int | None = None,
+    kind: str = "v",
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    clip_x0: float | None = None,
+    x_T: jax.Array | None = None,  # pylint: disable=invalid-name
+    return_trajectory: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Ancestral DDPM sampling with diffusers' `DDPMScheduler.step` ('fixed_small' variance).
+
+  With timesteps t > t' (t' the next in the list, or −1 → ᾱ = 1) and α = ᾱ_t/ᾱ_t', β = 1 − α:
+  x_t' = √ᾱ_t'·β/(1 − ᾱ_t)·x̂0 + √α·(1 − ᾱ_t')/(1 − ᾱ_t)·x_t + σ·z, σ² = (1 − ᾱ_t')/(1 − ᾱ_t)·β
+  (clamped at 1e-20), and no noise at t = 0.
+
+  Args:
+    model_fn: denoiser (x_t [b, ...], t int32 [b]) -> prediction of `kind`.
+    schedule: the training noise schedule.
+    shape: sample shape [b, H, W, C] (static).
+    rng: PRNG key for x_T and the per-step noise.
+    num_steps: number of steps (default: all T training timesteps).
+    kind: 'eps', 'v' or 'x0'.
+    spacing: timestep spacing, see `timesteps`.
+    steps_offset: diffusers' `steps_offset` for 'leading'.
+    clip_x0: if set, x̂0 is clipped to [−clip_x0, clip_x0].
+    x_T: optional starting noise of `shape` (float32).
+    return_trajectory: also return the samples after every step [num_steps, *shape].
+
+  Returns:
+    x_0 [*shape] (and the trajectory when `return_trajectory`).
+  """
+  T = schedule.num_timesteps  # pylint: disable=invalid-name
+  num_steps = T if num_steps is None else num_steps
+  ts = timesteps(T, num_steps, spacing, steps_offset)
+  prev = np.concatenate([ts[1:], [-1]])
+  ac = schedule.alphas_cumprod
+  a_t = ac[ts]
+  a_prev = jnp.where(prev >= 0, ac[np.maximum(prev, 0)], jnp.float32(1.0))
+  add_noise = jnp.asarray(ts > 0, jnp.float32)
+  x, rng = _initial_noise(rng, shape, x_T)
+  keys = _step_keys(rng, num_steps)
+  t_arr = jnp.asarray(ts, jnp.int32)
+
+  def body(x, inp):
+    t, alpha, alpha_prev, noise_on, key = inp
+    pred = model_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
+    x0, _ = pred_to_x0_eps_coef(
+        kind, pred.astype(jnp.float32), x, alpha**0.5, (1.0 - alpha) ** 0.5
+    )
+    if clip_x0 is not None:
+      x0 = jnp.clip(x0, -clip_x0, clip_x0)
+    beta_prod, beta_prod_prev = 1.0 - alpha, 1.0 - alpha_prev
+    cur_alpha = alpha / alpha_prev
+    cur_beta = 1.0 - cur_alpha
+    mean = (alpha_prev**0.5 * cur_beta / beta_prod) * x0 + (
+        cur_alpha**0.5 * beta_prod_prev / beta_prod
+    ) * x
+    variance = jnp.maximum(beta_prod_prev / beta_prod * cur_beta, 1e-20)
+    noise = jax.random.normal(key, x.shape, jnp.float32)
+    x_prev = mean + noise_on * variance**0.5 * noise
+    return x_prev, x_prev
+
+  x, traj = jax.lax.scan(body, x, (t_arr, a_t, a_prev, add_noise, keys))
+  return _finish(x, traj, return_trajectory)
+
+
+def cfg_model_fn(
+    model_fn_with_cond: Callable[[jax.Array, jax.Array, Any], jax.Array],
+    cond: Any,
+    guidance_scale: float | jax.Array,
+    null_cond: Any = None,
+) -> ModelFn:
+  """A classifier-free-guided denoiser: uncond + s·(cond − uncond).
+
+  Conditional and unconditional halves run in ONE call of `model_fn_with_cond` on a doubled
+  batch [x; x], [t; t], [cond; null]. s = 1 gives the conditional model, s = 0 the
+  unconditional one. Guidance acts linearly on the prediction, so it applies to any `kind`.
+
+  Args:
+    model_fn_with_cond: (x_t [2b, ...], t [2b], cond pytree with leading dim 2b) -> pred.
+    cond: condition pytree, each leaf with leading dim b.
+    guidance_scale: s (Python float or scalar array).
+    null_cond: the unconditional condition (default: zeros like `cond`, the training dropout).
+
+  Returns:
+    `model_fn(x_t, t)` for the samplers.
+  """
+  if null_cond is None:
+    null_cond = jax.tree_util.tree_map(jnp.zeros_like, cond)
+  both = jax.tree_util.tree_map(lambda c, n: jnp.concatenate([c, n], 0), cond, null_cond)
+
+  def guided(x_t: jax.Array, t: jax.Array) -> jax.Array:
+    b = x_t.shape[0]
+    out = model_fn_with_cond(
+        jnp.concatenate([x_t, x_t], 0), jnp.concatenate([t, t], 0), both
+    )
+    cond_out, uncond_out = out[:b], out[b:]
+    return uncond_out + guidance_scale * (cond_out - uncond_out)
+
+  return guided
