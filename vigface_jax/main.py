@@ -33,6 +33,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoi
 TASKS = {
     "preview": "vigface_jax.preview",
     "fr": "vigface_jax.train.fr",
+    "dit": "vigface_jax.train.dit",
 }
 
 

@@ -1,0 +1,104 @@
+r"""Stage 2: pixel-space DiT drawing a face from a class centre and a landmark image (DESIGN §1).
+
+  python -m vigface_jax.main --config=configs/dit.py \
+      --config.data.path=/data/faces_webface_112x112/train.rec \
+      --config.stage1.workdir=/runs/stage1 --workdir=/runs/stage2
+
+`stage1.workdir` is a finished stage-1 run (`configs/fr.py`): its `export/` backbone is the
+frozen FR network of the identity loss and of the identity-consistency evaluation, and its
+`prototypes.npz` holds the real class-centre rows the DiT is conditioned on. Train stage 2 on
+the same data as stage 1 (the labels must index the same rows).
+
+Variants (`--config=configs/dit.py:<variant>`):
+  default  CASIA-WebFace RecordIO, DiT-B/8 on 112×112 pixels (196 tokens: the patch size 8
+           keeps attention cheap at full resolution; DiT-L/8 is the larger option), v-prediction,
+           cosine schedule T = 1000, AdamW lr 1e-4, EMA 0.9999, global batch 256, condition
+           dropout 0.1, identity-loss weight 0.05 on t < 300, DDIM 50 steps with guidance 4.0.
+  demo     procedural faces (the data of `configs/fr.py:demo`), a small DiT with 16×16 patches,
+           for this CPU. Not yet tuned to the identity-consistency target.
+  tiny     seconds, for tests.
+"""
+
+from ml_collections import config_dict
+
+from vigface_jax import config_lib
+
+CASIA_IMAGES = 490_623
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  args = config_lib.parse_arg(arg, variant="default")
+  if args.variant not in ("default", "demo", "tiny"):
+    raise ValueError(f"configs/dit.py: unknown variant {args.variant!r}; use default, demo or "
+                     "tiny")
+  demo, tiny = args.variant == "demo", args.variant == "tiny"
+  small = demo or tiny
+  config = config_dict.ConfigDict()
+  config.task = "dit"
+  config_lib.add_parallelism(config)
+
+  config.stage1 = config_dict.ConfigDict()
+  config.stage1.workdir = config_dict.placeholder(str)  # a finished configs/fr.py run
+
+  config.data = config_dict.ConfigDict()
+  config.data.source = "procedural" if small else "recordio"
+  config.data.path = config_dict.placeholder(str)
+  config.data.seed = 0  # for procedural faces: must equal the stage-1 run's data.seed
+  config.data.global_batch_size = 4 if tiny else (32 if demo else 256)
+  config.data.flip_prob = 0.5
+  config.data.worker_count = 0 if small else 8
+  config.data.read_threads = 0 if small else 16
+  config.data.num_identities = 16 if tiny else 800  # procedural: as in configs/fr.py
+  config.data.images_per_identity = 8 if tiny else 24
+  config.data.cache = small
+
+  config.model = config_dict.ConfigDict()
+  config.model.variant = "tiny" if tiny else ("small" if demo else "B")  # dit.VARIANTS
+  config.model.patch_size = 16 if small else 8  # must divide 112
+  config.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU
+  config.model.remat = False  # rematerialise blocks (memory for compute)
+  config.model.scan_blocks = False  # scan over depth (compile time of deep models)
+  config.model.num_real = config_dict.placeholder(int)
+
+  config.diffusion = config_dict.ConfigDict()
+  config.diffusion.schedule = "cosine"  # cosine | linear
+  config.diffusion.timesteps = 1000
+  config.diffusion.prediction = "v"  # v | eps | x0
+  config.diffusion.weighting = "none"  # none | min_snr | snr
+  config.diffusion.cond_drop = 0.1  # row → zero vector (classifier-free guidance)
+  config.diffusion.landmark_drop = 0.0
+  config.diffusion.id_loss_weight = 0.05  # ‖f_FR(x̂0) − w‖², 0 to disable
+  config.diffusion.id_loss_max_t = 300  # identity loss only on t < this (low noise)
+
+  steps = 4 if tiny else (3_000 if demo else 200_000)
+  config.optim = config_dict.ConfigDict()
+  config.optim.name = "adamw"
+  config.optim.lr = 3e-4 if small else 1e-4
+  config.optim.weight_decay = 0.0
+  config.optim.schedule = "constant"
+  config.optim.warmup_steps = 0 if tiny else (100 if demo else 5_000)
+  config.optim.grad_clip_norm = 1.0
+
+  config.train = config_dict.ConfigDict()
+  config.train.num_steps = steps
+  config.train.seed = 0
+  config.train.log_every = 2 if tiny else (50 if demo else 100)
+  config.train.checkpoint_every = 2 if tiny else (1_000 if demo else 5_000)
+  config.train.keep_checkpoints = 3
+  config.train.async_checkpoint = True
+  config.train.ema_decay = 0.999 if small else 0.9999
+  config.train.ema_warmup = True  # decay min(ema_decay, (1 + t) / (10 + t))
+  config.train.profile_steps = ()
+
+  config.sample = config_dict.ConfigDict()
+  config.sample.every = 0 if tiny else (1_000 if demo else 10_000)  # 0: only at the end
+  config.sample.num_steps = 2 if tiny else 50  # DDIM steps
+  config.sample.eta = 0.0
+  config.sample.spacing = "trailing"  # leading | trailing | linspace
+  config.sample.guidance = 4.0
+  config.sample.seed = 0
+  config.sample.sheet_identities = 2 if tiny else 8  # sample sheet rows
+  config.sample.sheet_landmarks = 2 if tiny else 6  # sample sheet columns (landmark sets)
+  config.sample.eval_identities = 4 if tiny else 200  # identity-consistency evaluation
+  config.sample.batch_size = 4 if tiny else 50
+  return config

@@ -1,0 +1,101 @@
+"""Stage 2 (`vigface_jax/train/dit.py`) on tiny configs, after a tiny stage 1."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import numpy as np
+import pytest
+
+from configs import dit as dit_config
+from configs import fr as fr_config
+from test_train import _checkpoint_tree, _Crash, _CrashingIterator
+from vigface_jax import config_lib
+from vigface_jax.data import pipeline
+from vigface_jax.evaluate import embed as embed_lib
+from vigface_jax.train import dit
+from vigface_jax.train import fr
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("stage1"))
+  config = fr_config.get_config("tiny")
+  config.eval.procedural_pairs = None
+  config.eval.baselines = False
+  fr.run(config, workdir)
+  return workdir
+
+
+def _tiny(stage1_dir):
+  config = dit_config.get_config("tiny")
+  config.stage1.workdir = stage1_dir
+  return config
+
+
+def _arr(x):
+  return np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                    else x)
+
+
+def test_missing_stage1_names_the_command(tmp_path):
+  config = dit_config.get_config("tiny")
+  with pytest.raises(config_lib.ConfigError, match=r"configs/fr.py:demo"):
+    dit.run(config, str(tmp_path))
+  config.stage1.workdir = str(tmp_path / "nothing")
+  with pytest.raises(config_lib.ConfigError, match=r"configs/fr.py:demo"):
+    dit.run(config, str(tmp_path))
+
+
+def test_stage2_trains_samples_and_keeps_stage1_frozen(stage1, tmp_path):
+  workdir = str(tmp_path / "dit")
+  summary = dit.run(_tiny(stage1), workdir)
+  assert os.path.exists(os.path.join(workdir, "samples", "step_0000004.png"))
+  for key in ("identity/top1", "identity/mean_cos_to_row", "train/loss_diffusion",
+              "train/loss_identity"):
+    assert key in summary, sorted(summary)
+  assert summary["identity/chance"] == pytest.approx(1 / 16)
+  # The FR network and the row table are exactly stage 1's after training.
+  saved = _checkpoint_tree(workdir, 4)
+  model, _ = embed_lib.load_backbone(stage1)
+  want = {path: _arr(v[...]) for path, v in nnx.state(model).flat_state()}
+  got = saved["rest"]["fr"]
+  for path, value in want.items():
+    node = got
+    for key in path:
+      node = node[key] if key in node else node[str(key)]
+    np.testing.assert_array_equal(_arr(node["value"]), value, err_msg=str(path))
+  with np.load(os.path.join(stage1, "prototypes.npz")) as f:
+    np.testing.assert_array_equal(saved["rest"]["rows"]["value"], f["real"])
+  assert "fr" not in saved["params"] and "dit" in saved["params"]
+
+
+def test_stage2_two_steps_crash_resume_equals_four(stage1, tmp_path, monkeypatch):
+  config = _tiny(stage1)
+  config.sample.every = 0
+  straight = str(tmp_path / "straight")
+  dit.run(config, straight)
+  resumed = str(tmp_path / "resumed")
+  real = pipeline.make_pipeline
+  monkeypatch.setattr(pipeline, "make_pipeline",
+                      lambda *a, **k: _CrashingIterator(real(*a, **k), crash_at=3))
+  with pytest.raises(_Crash):
+    dit.run(config, resumed)
+  monkeypatch.setattr(pipeline, "make_pipeline", real)
+  dit.run(config, resumed)
+  a, b = _checkpoint_tree(straight, 4), _checkpoint_tree(resumed, 4)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(_arr(x), _arr(y), rtol=1e-6, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_identity_consistency():
+  rows = np.eye(4, 8, dtype=np.float32)
+  emb = rows[[0, 1, 3, 3]] * 5.0
+  out = dit.identity_consistency(emb, rows, np.arange(4))
+  assert out["top1"] == 0.75 and out["chance"] == 0.25
+  assert out["mean_cos_to_row"] == pytest.approx(0.75)

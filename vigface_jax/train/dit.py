@@ -1,0 +1,315 @@
+"""The `dit` task: stage 2 of VIGFace (DESIGN §1), a pixel DiT drawing a face from a class centre.
+
+Each training example is an aligned face, its five-point landmark image and its class's *real*
+row from stage 1. The DiT sees the noisy image ⊕ the landmark image (6 channels) and the
+condition `t_emb + Linear(row)`; rows are replaced by the zero vector with probability
+`diffusion.cond_drop` (classifier-free guidance). Loss: v-prediction (default) plus the
+identity loss `‖f_FR(x̂0) − w‖²` through the frozen stage-1 network on low-noise timesteps.
+The frozen network and the row table ride in the train state's non-optimised part
+(`loop.fit(trainable=...)`), loaded from the stage-1 workdir into a fresh state only.
+
+Writes into the workdir (besides checkpoints, metrics and TensorBoard events):
+  `samples/step_<N>.png`  sample sheets: fixed identities (rows) × fixed landmark sets
+                          (columns), DDIM + guidance from the EMA parameters; the first row
+                          shows the landmark images;
+  `summary.json`          last training metrics and the identity-consistency figures:
+                          images generated from real rows, embedded by the stage-1 network,
+                          top-1 identification against all real rows and mean cosine to the
+                          conditioning row.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from vigface_jax import config_lib
+from vigface_jax import metrics as metrics_lib
+from vigface_jax import parallel
+from vigface_jax.data import landmarks as landmarks_lib
+from vigface_jax.data import pipeline
+from vigface_jax.diffusion import losses
+from vigface_jax.diffusion import parameterization
+from vigface_jax.diffusion import samplers
+from vigface_jax.diffusion import schedules
+from vigface_jax.evaluate import embed as embed_lib
+from vigface_jax.models import dit as dit_lib
+from vigface_jax.models import iresnet
+from vigface_jax.train import fr as fr_task
+from vigface_jax.train import loop
+from vigface_jax.train import state as state_lib
+
+STAGE1_COMMAND = "python -m vigface_jax.main --config=configs/fr.py:demo --workdir=<stage-1 dir>"
+
+
+class Frozen(nnx.Variable):
+  """A variable the stage-2 optimizer never sees (the FR network's weights, the row table)."""
+
+
+class Stage2(nnx.Module):
+  """DiT + frozen stage-1 backbone + the real class-centre rows `[n, d]`."""
+
+  def __init__(self, config: Any, fr_info: dict[str, Any], num_real: int, *, rngs: nnx.Rngs):
+    m = config.model
+    dtype = fr_task.compute_dtype(m.get("dtype", "auto"))
+    self.dit = dit_lib.DiT(m.variant, patch_size=int(m.patch_size), cond_dim=fr_info["embed_dim"],
+                           dtype=dtype, remat=bool(m.get("remat", False)),
+                           scan_blocks=bool(m.get("scan_blocks", False)), rngs=rngs)
+    self.fr = iresnet.IResNet(fr_info["arch"], embed_dim=fr_info["embed_dim"],
+                              input_size=fr_info["input_size"], rngs=rngs)
+    self.fr.eval()
+    self.fr_input_size = int(fr_info["input_size"])
+    self.rows = Frozen(jnp.zeros((num_real, fr_info["embed_dim"]), jnp.float32),
+                       out_sharding=("classes", "embed"), eager_sharding=False)
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """Normalised float `[-1, 1]` or uint8 faces → stage-1 embeddings (frozen)."""
+    return self.fr(iresnet.prepare(images, self.fr_input_size))
+
+
+def to_model_range(images: jax.Array) -> jax.Array:
+  """uint8 → float32 in [-1, 1] (the FR network's normalisation too)."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def landmark_input(points: jax.Array, has: jax.Array) -> jax.Array:
+  """Landmark images in [-1, 1]; examples without landmarks get the empty (black) image."""
+  image = to_model_range(landmarks_lib.render_landmark_image_jnp(points))
+  return jnp.where(has[:, None, None, None], image, -1.0)
+
+
+def dit_loss(model: Stage2, batch: dict[str, jax.Array], rng: jax.Array, *, cfg: Any,
+             schedule: schedules.Schedule) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Diffusion loss (+ identity loss) of one batch; see the module docstring."""
+  d = cfg.diffusion
+  x0 = to_model_range(batch["image"])
+  lmk = landmark_input(batch["landmarks"], batch["has_landmarks"])
+  rows = jnp.take(model.rows[...], batch["label"], axis=0)
+  r_t, r_n, r_c, r_l = jax.random.split(rng, 4)
+  b = x0.shape[0]
+  t = jax.random.randint(r_t, (b,), 0, schedule.num_timesteps)
+  noise = jax.random.normal(r_n, x0.shape, jnp.float32)
+  x_t = parameterization.q_sample(schedule, x0, t, noise)
+  kept = losses.keep_mask(r_c, b, float(d.cond_drop))
+  cond = jnp.where(kept[:, None], rows, 0.0)  # the zero vector is the null condition
+  if float(d.get("landmark_drop", 0.0)) > 0:
+    lmk = losses.drop_landmarks(r_l, lmk, float(d.landmark_drop), fill=-1.0)
+  pred = model.dit(jnp.concatenate([x_t, lmk], axis=-1), t, cond)
+  _, diff_loss = losses.diffusion_loss(pred, x0, noise, t, schedule, kind=d.prediction,
+                                       weighting=d.weighting)
+  metrics = {"loss_diffusion": diff_loss}
+  loss = diff_loss
+  weight = float(d.id_loss_weight)
+  if weight > 0:
+    x0_hat, _ = parameterization.pred_to_x0_eps(d.prediction, pred, x_t, t, schedule)
+    # Rows dropped to the null condition have no identity to match: push their t past the
+    # identity loss's maximum so they are masked out with the too-noisy ones.
+    t_id = jnp.where(kept, t, schedule.num_timesteps)
+    id_loss = losses.identity_loss(model.embed, jnp.clip(x0_hat, -1.0, 1.0), rows, t_id,
+                                   max_timestep=int(d.id_loss_max_t), weight=1.0)
+    metrics["loss_identity"] = id_loss
+    loss = loss + weight * id_loss
+  return loss, metrics
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def make_sampler(setup: state_lib.Setup, cfg: Any, schedule: schedules.Schedule):
+  """Jitted `sample(params, rest, rows, landmark_images, rng) -> uint8 [b, 112, 112, 3]`.
+
+  DDIM (`sample.num_steps`, `sample.eta`, `sample.spacing`) with classifier-free guidance
+  `sample.guidance` (conditional and unconditional halves in one batched DiT call).
+  """
+  s = cfg.sample
+
+  @jax.jit
+  def sample(params, rest, rows, lmk, rng):
+    model = nnx.merge(setup.graphdef, params, rest)
+
+    def with_cond(x_t, t, cond):
+      twice = jnp.concatenate([lmk] * (x_t.shape[0] // lmk.shape[0]), axis=0)
+      return model.dit(jnp.concatenate([x_t, twice], axis=-1), t, cond)
+
+    model_fn = samplers.cfg_model_fn(with_cond, rows, float(s.guidance))
+    x0 = samplers.ddim_sample(model_fn, schedule, (rows.shape[0],) + lmk.shape[1:3] + (3,), rng,
+                              num_steps=int(s.num_steps), eta=float(s.eta),
+                              kind=cfg.diffusion.prediction, spacing=s.spacing, clip_x0=1.0)
+    return jnp.clip(jnp.round((x0 + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+  return sample
+
+
+def fixed_landmarks(source: Any, count: int, seed: int) -> np.ndarray:
+  """`count` landmark sets from the training data (images that have them), chosen by `seed`."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in rng.permutation(len(source))[:max(64, 4 * count)]:
+    element = source[int(i)]
+    if bool(element.get("has_landmarks", False)):
+      out.append(np.asarray(element["landmarks"], np.float32))
+    if len(out) == count:
+      break
+  while len(out) < count:  # a source without landmarks: the ArcFace template
+    out.append(np.asarray(landmarks_lib.ARCFACE_TEMPLATE, np.float32))
+  return np.stack(out)
+
+
+def _sheet(images: np.ndarray, lmk: np.ndarray, rows: int, cols: int) -> np.ndarray:
+  size = images.shape[1]
+  sheet = np.zeros(((rows + 1) * size, cols * size, 3), np.uint8)
+  for c in range(cols):
+    sheet[:size, c * size:(c + 1) * size] = lmk[c]
+  for r in range(rows):
+    for c in range(cols):
+      sheet[(r + 1) * size:(r + 2) * size, c * size:(c + 1) * size] = images[r * cols + c]
+  return sheet
+
+
+def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np.ndarray):
+  """Sample-sheet and identity-consistency hooks (both from the EMA parameters)."""
+  s = config.sample
+  n_ids, n_lmk = int(s.sheet_identities), int(s.sheet_landmarks)
+  lmk_images = np.asarray(landmarks_lib.render_landmark_image(points))  # uint8 [L, 112, 112, 3]
+  lmk_model = np.asarray(to_model_range(jnp.asarray(lmk_images)))
+  num_eval = min(int(s.eval_identities), real_rows.shape[0])
+  batch = int(s.batch_size)
+
+  def factory(setup: state_lib.Setup):
+    sample = make_sampler(setup, config, schedule)
+    writer = metrics_lib.MetricWriter(workdir) if parallel.is_main_process() else None
+
+    @jax.jit
+    def embed(params, rest, images):
+      return nnx.merge(setup.graphdef, params, rest).embed(images)
+
+    def generate(state, rows, lmk, seed):
+      params = state.ema if state.ema is not None else state.params
+      out = []
+      for start in range(0, rows.shape[0], batch):
+        r, l = rows[start:start + batch], lmk[start:start + batch]
+        pad = batch - r.shape[0]
+        if pad:
+          r = np.concatenate([r, np.zeros((pad,) + r.shape[1:], r.dtype)])
+          l = np.concatenate([l, np.repeat(l[:1], pad, 0)])
+        imgs = sample(params, state.rest, jnp.asarray(r), jnp.asarray(l),
+                      jax.random.PRNGKey(seed + start))
+        out.append(np.asarray(imgs)[:batch - pad])
+      return np.concatenate(out)
+
+    def sheet_fn(step: int, state) -> dict[str, float]:
+      rows = np.repeat(real_rows[:n_ids], n_lmk, axis=0)
+      lmk = np.tile(lmk_model, (n_ids, 1, 1, 1))
+      images = generate(state, rows, lmk, seed=int(s.seed))
+      sheet = _sheet(images, lmk_images, n_ids, n_lmk)
+      if parallel.is_main_process():
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        Image.fromarray(sheet).save(os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+        writer.write_image(step, "samples", sheet)
+      return {}
+
+    def identity_fn(step: int, state) -> dict[str, float]:
+      del step
+      rows = real_rows[:num_eval]
+      lmk = lmk_model[np.arange(num_eval) % len(lmk_model)]
+      images = generate(state, rows, lmk, seed=int(s.seed) + 1)
+      emb = np.concatenate([np.asarray(embed(state.params, state.rest, jnp.asarray(
+          images[i:i + batch]))) for i in range(0, len(images), batch)])
+      return identity_consistency(emb, real_rows, np.arange(num_eval))
+
+    every = int(s.every)
+    return [loop.Hook("samples", every, sheet_fn), loop.Hook("identity", every, identity_fn)]
+
+  return factory
+
+
+def identity_consistency(emb: np.ndarray, real_rows: np.ndarray, labels: np.ndarray
+                         ) -> dict[str, float]:
+  """Top-1 identification of generated faces among all real rows, and cosine to their own."""
+  e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+  w = real_rows / np.maximum(np.linalg.norm(real_rows, axis=1, keepdims=True), 1e-12)
+  cos = e @ w.T
+  return {"top1": float(np.mean(np.argmax(cos, axis=1) == labels)),
+          "mean_cos_to_row": float(np.mean(cos[np.arange(len(labels)), labels])),
+          "chance": 1.0 / w.shape[0], "num_identities": float(len(labels))}
+
+
+# ---------------------------------------------------------------------- task
+
+
+def _stage1(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], np.ndarray]:
+  """(backbone info, real rows [n, d]) from the stage-1 workdir; ConfigError if absent."""
+  root = config.stage1.get("workdir")
+  if not root:
+    raise config_lib.ConfigError(
+        "stage1.workdir is not set: stage 2 needs the stage-1 workdir (its export/ and "
+        f"prototypes.npz); produce one with `{STAGE1_COMMAND}` and pass "
+        "--config.stage1.workdir=<stage-1 dir>")
+  npz = os.path.join(root, "prototypes.npz")
+  try:
+    _, info = embed_lib.read_info(root)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"stage1.workdir={root}: {e}; a finished `{STAGE1_COMMAND}` "
+                                 "writes it") from None
+  if not os.path.exists(npz):
+    raise config_lib.ConfigError(f"{npz} is missing: stage 1 writes it when it finishes "
+                                 f"(`{STAGE1_COMMAND}`)")
+  with np.load(npz) as f:
+    rows = np.asarray(f["real"], np.float32)
+  return info, rows
+
+
+REQUIRED_FIELDS = ("data.source", "train.num_steps", "model.variant")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains stage 2 and reports identity consistency of samples from real rows."""
+  fr_task.check_data(config)
+  info, real_rows = _stage1(config)
+  rules = config.get("sharding_rules", parallel.DEFAULT_RULES)
+  mesh = parallel.mesh_from_config(config)
+  data = pipeline.make_pipeline(config, mesh, rules)
+  n = fr_task.num_real_classes(config, data.source)
+  if n != real_rows.shape[0]:
+    raise config_lib.ConfigError(
+        f"the data has {n} identities but stage 1 ({config.stage1.workdir}) has "
+        f"{real_rows.shape[0]} real rows: train stage 2 on the data stage 1 was trained on")
+  schedule = schedules.make_schedule(config.diffusion.schedule, int(config.diffusion.timesteps))
+  points = fixed_landmarks(data.source, int(config.sample.sheet_landmarks), int(config.sample.seed))
+  fr_model, _ = embed_lib.load_backbone(config.stage1.workdir)
+  fr_values = {path: var[...] for path, var in nnx.state(fr_model).flat_state()}
+
+  def initialize(state: state_lib.TrainState, setup) -> state_lib.TrainState:
+    del setup
+    for path, var in state.rest["fr"].flat_state():
+      if path in fr_values:
+        var[...] = jax.device_put(jnp.asarray(fr_values[path], var[...].dtype),
+                                  var[...].sharding)
+    rows = state.rest["rows"]
+    rows[...] = jax.device_put(jnp.asarray(real_rows), rows[...].sharding)
+    return state
+
+  create = functools.partial(Stage2, config, info, n)
+  loss_fn = functools.partial(dit_loss, cfg=config, schedule=schedule)
+  summary: dict[str, Any] = {"task": "dit", "num_real": n, "variant": config.model.variant,
+                             "patch_size": int(config.model.patch_size)}
+  logging.info("stage 2: DiT-%s/%d on %d identities", config.model.variant,
+               config.model.patch_size, n)
+  with data, metrics_lib.MetricWriter(workdir) as writer:
+    result = loop.fit(config, workdir, mesh=mesh, create_model=create, loss_fn=loss_fn,
+                      data=data, images_per_step=int(config.data.global_batch_size),
+                      make_hooks=make_hooks(config, workdir, schedule, real_rows, points),
+                      writer=writer, trainable=nnx.All(nnx.Param, nnx.PathContains("dit")),
+                      initialize=initialize)
+  summary.update(result.metrics)
+  metrics_lib.write_summary(workdir, summary)
+  return summary
