@@ -99,3 +99,44 @@ def test_identity_consistency():
   out = dit.identity_consistency(emb, rows, np.arange(4))
   assert out["top1"] == 0.75 and out["chance"] == 0.25
   assert out["mean_cos_to_row"] == pytest.approx(0.75)
+
+
+def _grads(model, batch, cfg, schedule, trainable):
+  """Gradient of `dit_loss` w.r.t. the `trainable` variables of a Stage2 model."""
+  graphdef, params, rest = nnx.split(model, trainable, ...)
+
+  def loss(params):
+    return dit.dit_loss(nnx.merge(graphdef, params, rest), batch, jax.random.PRNGKey(3),
+                        cfg=cfg, schedule=schedule)[0]
+
+  return jax.grad(loss)(params)
+
+
+def test_identity_loss_gradient_reaches_the_dit_and_nothing_else():
+  from vigface_jax.diffusion import schedules
+  cfg = dit_config.get_config("tiny")
+  cfg.diffusion.cond_drop = 0.0
+  cfg.diffusion.id_loss_max_t = 1000  # every example contributes
+  info = {"arch": "tiny", "embed_dim": 32, "input_size": 32}
+  model = dit.Stage2(cfg, info, 4, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  model.rows[...] = jnp.asarray(rng.normal(size=(4, 32)).astype(np.float32))
+  # adaLN-Zero makes the DiT's output (and so x̂0's dependence on it) zero at init: perturb.
+  for _, var in nnx.state(model.dit, nnx.Param).flat_state():
+    var[...] = var[...] + 0.02 * jnp.asarray(rng.normal(size=var.shape).astype(np.float32))
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (2, 112, 112, 3), np.uint8)),
+           "label": jnp.asarray([0, 3], jnp.int32),
+           "landmarks": jnp.tile(jnp.asarray(np.asarray(
+               dit.landmarks_lib.ARCFACE_TEMPLATE, np.float32))[None], (2, 1, 1)),
+           "has_landmarks": jnp.asarray([True, False])}
+  schedule = schedules.make_schedule("cosine", 1000)
+  trainable = dit.TRAINABLE
+  with_id = _grads(model, batch, cfg, schedule, trainable)
+  cfg.diffusion.id_loss_weight = 0.0
+  without = _grads(model, batch, cfg, schedule, trainable)
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), with_id, without)
+  assert max(jax.tree.leaves(diff)) > 0  # the identity loss reaches the DiT's parameters
+  # Under the trainer's filter the FR network and the rows are not differentiated at all.
+  paths = {path for path, _ in with_id.flat_state()}
+  assert paths and all(path[0] == "dit" for path in paths)
+  assert not any(path[0] in ("fr", "rows") for path, _ in nnx.state(model, trainable).flat_state())

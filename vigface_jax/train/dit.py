@@ -48,6 +48,10 @@ from vigface_jax.train import fr as fr_task
 from vigface_jax.train import loop
 from vigface_jax.train import state as state_lib
 
+# What the stage-2 optimizer updates: the DiT's parameters only (the FR network and the rows
+# ride in the train state's non-optimised part and get no gradient).
+TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("dit"))
+
 STAGE1_COMMAND = "python -m vigface_jax.main --config=configs/fr.py:demo --workdir=<stage-1 dir>"
 
 
@@ -308,7 +312,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     result = loop.fit(config, workdir, mesh=mesh, create_model=create, loss_fn=loss_fn,
                       data=data, images_per_step=int(config.data.global_batch_size),
                       make_hooks=make_hooks(config, workdir, schedule, real_rows, points),
-                      writer=writer, trainable=nnx.All(nnx.Param, nnx.PathContains("dit")),
+                      writer=writer, trainable=TRAINABLE,
                       initialize=initialize)
   summary.update(result.metrics)
   metrics_lib.write_summary(workdir, summary)
