@@ -15,7 +15,9 @@ Variants (`--config=configs/dit.py:<variant>`):
            cosine schedule T = 1000, AdamW lr 1e-4, EMA 0.9999, global batch 256, condition
            dropout 0.1, identity-loss weight 0.05 on t < 300, DDIM 50 steps with guidance 4.0.
   demo     procedural faces (the data of `configs/fr.py:demo`), a small DiT with 16×16 patches,
-           for this CPU. Not yet tuned to the identity-consistency target.
+           x0-prediction, 2,000 steps of 32, for a 2-core CPU (31 min). Measured: samples from
+           200 real rows identified as their own identity 5.5% top-1 among 800 (guidance 4.0);
+           short of the ≥ 50% target, see README "Stage 2".
   tiny     seconds, for tests.
 """
 
