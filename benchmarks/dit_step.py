@@ -42,25 +42,12 @@ import time
 from typing import Any
 
 
-def _early_threads(default: int = 2) -> int:
-  """`--threads` read before absl parses flags: the CPU set must be fixed before jax starts."""
-  for arg in sys.argv[1:]:
-    if arg.startswith("--threads="):
-      return int(arg.split("=", 1)[1])
-  return default
-
-
-_THREADS_EARLY = _early_threads()
-if hasattr(os, "sched_setaffinity"):
-  _cpus = sorted(os.sched_getaffinity(0))
-  if _THREADS_EARLY < len(_cpus):
-    os.sched_setaffinity(0, _cpus[:_THREADS_EARLY])
-
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # `python benchmarks/dit_step.py`: make the repo importable.
   sys.path.insert(0, str(_REPO))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import cpu_threads  # pins --threads CPUs; before jax
 from absl import app
 from absl import flags
 from flax import nnx
@@ -319,17 +306,6 @@ def torch_setup(model: TorchDiT):
 # -------------------------------------------------------------------- timing
 
 
-def _time(fn, n: int) -> tuple[list[float], float]:
-  """Wall seconds of `n` calls, and this process's CPU seconds per wall second over them."""
-  times = []
-  cpu0 = time.process_time()
-  for _ in range(n):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return times, (time.process_time() - cpu0) / sum(times)
-
-
 def run() -> dict[str, Any]:
   torch.manual_seed(_SEED.value)
   torch.set_num_threads(_THREADS.value)
@@ -391,18 +367,15 @@ def run() -> dict[str, Any]:
     state, loss = compiled(state, jx, jt, jcond, jtarget)
     jax.block_until_ready((state, loss))
 
-  out["jax_times"], out["jax_cores"] = _time(jax_once, _STEPS.value)
-  out["torch_times"], out["torch_cores"] = _time(lambda: tstep(tx, tt, tcond, ttarget),
+  out["jax_times"], out["jax_cores"] = cpu_threads.time_calls(jax_once, _STEPS.value)
+  out["torch_times"], out["torch_cores"] = cpu_threads.time_calls(lambda: tstep(tx, tt, tcond, ttarget),
                                                  _STEPS.value)
   for side in ("jax", "torch"):
     out[f"{side}_s"] = float(np.median(out[f"{side}_times"]))
     out[f"{side}_best_s"] = float(np.min(out[f"{side}_times"]))
   out["ratio"] = out["torch_s"] / out["jax_s"]
   out["ratio_best"] = out["torch_best_s"] / out["jax_best_s"]
-  out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-  out["torch_threads"] = torch.get_num_threads()
-  out["affinity"] = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                     else None)
+  out.update(cpu_threads.environment(torch.get_num_threads()))
   return out
 
 
@@ -464,7 +437,7 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _THREADS.value != _THREADS_EARLY:
+  if _THREADS.value != cpu_threads.THREADS_EARLY:
     raise app.UsageError("--threads must be given as --threads=N.")
   info = dp.machine()
   r = run()

@@ -35,7 +35,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/sample.py`: make the repo importable.
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-# dit_step pins the CPU set on import (before jax starts); import it first.
+from benchmarks import cpu_threads  # pins --threads CPUs; before jax  # pylint: disable=g-bad-import-order
 from benchmarks import dit_step  # pylint: disable=g-bad-import-order
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -139,18 +139,15 @@ def run() -> dict[str, Any]:
   print(f"final images: std {out['image_std']:.3f}, max |jax - torch| {out['max_abs_diff']:.2e}")
   assert out["max_abs_diff"] < AGREE_TOL, f"samplers disagree: {out['max_abs_diff']:.3g}"
 
-  out["jax_times"], out["jax_cores"] = dit_step._time(  # pylint: disable=protected-access
+  out["jax_times"], out["jax_cores"] = cpu_threads.time_calls(
       lambda: jax.block_until_ready(compiled(params, *jargs)), _REPEATS.value)
-  out["torch_times"], out["torch_cores"] = dit_step._time(  # pylint: disable=protected-access
+  out["torch_times"], out["torch_cores"] = cpu_threads.time_calls(
       lambda: torch_sample(tmodel, *targs), _REPEATS.value)
   for side in ("jax", "torch"):
     out[f"{side}_s"] = float(np.median(out[f"{side}_times"]))
     out[f"{side}_ips"] = b / out[f"{side}_s"]
   out["ratio"] = out["torch_s"] / out["jax_s"]
-  out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-  out["torch_threads"] = torch.get_num_threads()
-  out["affinity"] = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                     else None)
+  out.update(cpu_threads.environment(torch.get_num_threads()))
   return out
 
 
