@@ -109,6 +109,21 @@ def test_condition_and_timestep_dependence():
                              rtol=0, atol=1e-6)
 
 
+def test_cond_scale_multiplies_the_row_and_keeps_the_null_condition():
+  """`cond_scale=k` on a row equals `cond_scale=1` on k·row; zero stays the null path."""
+  scaled = dit.DiT("tiny", cond_scale=8.0, rngs=nnx.Rngs(4))
+  plain = dit.DiT("tiny", rngs=nnx.Rngs(4))
+  for m in (scaled, plain):
+    _randomize(m, 4, scale=0.2)
+  x, t, cond = _inputs(4)
+  cond = cond.at[1].set(0.0)
+  y = np.asarray(_forward(scaled, x, t, cond))
+  np.testing.assert_allclose(y, np.asarray(_forward(plain, x, t, 8.0 * cond)), rtol=1e-5,
+                             atol=1e-5)
+  assert np.abs(y[0] - np.asarray(_forward(plain, x, t, cond))[0]).max() > 1e-3
+  np.testing.assert_allclose(np.asarray(_forward_null(scaled, x, t))[1], y[1], atol=1e-6)
+
+
 def test_errors():
   for p in (5, 0, 3):
     with pytest.raises(ValueError, match="patch_size must divide input_size=112"):

@@ -119,6 +119,7 @@ def test_identity_loss_gradient_reaches_the_dit_and_nothing_else():
   cfg.diffusion.id_loss_max_t = 1000  # every example contributes
   info = {"arch": "tiny", "embed_dim": 32, "input_size": 32}
   model = dit.Stage2(cfg, info, 4, rngs=nnx.Rngs(0))
+  assert model.dit.cond_scale == pytest.approx(np.sqrt(32))  # unit rows → unit-RMS inputs
   rng = np.random.default_rng(0)
   model.rows[...] = jnp.asarray(rng.normal(size=(4, 32)).astype(np.float32))
   # adaLN-Zero makes the DiT's output (and so x̂0's dependence on it) zero at init: perturb.

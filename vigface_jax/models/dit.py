@@ -13,7 +13,7 @@ Structure (`DiT.__call__(x, t, cond)`):
   order and projected by a dense layer (the same function as DiT's conv with
   kernel = stride = p), plus fixed 2-D sin-cos position embeddings (DiT's
   `get_2d_sincos_pos_embed`, computed with numpy; a constant, not a parameter).
-* **Conditioning.** `c = TimestepEmbedder(t) + Linear(cond)`: DiT's 256-frequency
+* **Conditioning.** `c = TimestepEmbedder(t) + Linear(cond_scale · cond)`: DiT's 256-frequency
   sinusoidal embedding followed by `Linear -> SiLU -> Linear`, and a learned projection
   of the condition row (replacing DiT's `LabelEmbedder`).
 * **Null condition.** Classifier-free guidance uses the **zero vector** as the
@@ -282,6 +282,7 @@ class DiT(nnx.Module):
       in_channels: int = 6,
       out_channels: int = 3,
       cond_dim: int = 512,
+      cond_scale: float = 1.0,
       mlp_ratio: float = 4.0,
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
@@ -300,6 +301,11 @@ class DiT(nnx.Module):
       in_channels: input channels (noisy image ⊕ landmark image: 6).
       out_channels: predicted channels (3: the noise or the clean image).
       cond_dim: size of a condition row (the stage-1 class centre, 512).
+      cond_scale: constant multiplying the condition before its projection. Class-centre
+        rows are unit vectors (components ~1/√d); VIGFace's stage 2 passes √cond_dim so the
+        projection sees unit-RMS inputs like every other layer, which makes the condition
+        learnable at the same rate as the rest (with 1.0 the DiT long ignores it at high
+        noise). The zero row stays the null condition.
       mlp_ratio: MLP hidden size / hidden size.
       dtype: compute dtype (see the module docstring for what stays float32).
       param_dtype: parameter dtype.
@@ -326,6 +332,7 @@ class DiT(nnx.Module):
     self.in_channels = in_channels
     self.out_channels = out_channels
     self.cond_dim = cond_dim
+    self.cond_scale = float(cond_scale)
     self.dtype = dtype
     self.remat = remat
     self.scan_blocks = scan_blocks
@@ -367,13 +374,13 @@ class DiT(nnx.Module):
     return x.reshape(b, g * p, g * p, ch)
 
   def embed_condition(self, t: jax.Array, cond: jax.Array | None) -> jax.Array:
-    """`c = t_emb + Linear(cond)`; `cond=None` is the null (all-zero) condition."""
+    """`c = t_emb + Linear(cond_scale · cond)`; `cond=None` is the null (all-zero) condition."""
     t_emb = self.t_embedder(t)
     if cond is None:
       # Linear(0) == bias exactly: the unconditional embedding.
       y_emb = self.cond_proj.bias[...].astype(self.dtype)[None]
     else:
-      y_emb = self.cond_proj(jnp.asarray(cond).astype(self.dtype))
+      y_emb = self.cond_proj((jnp.asarray(cond) * self.cond_scale).astype(self.dtype))
     return t_emb + y_emb
 
   def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array | None = None) -> jax.Array:

@@ -21,6 +21,7 @@ Writes into the workdir (besides checkpoints, metrics and TensorBoard events):
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any
 
@@ -66,6 +67,7 @@ class Stage2(nnx.Module):
     m = config.model
     dtype = fr_task.compute_dtype(m.get("dtype", "auto"))
     self.dit = dit_lib.DiT(m.variant, patch_size=int(m.patch_size), cond_dim=fr_info["embed_dim"],
+                           cond_scale=math.sqrt(fr_info["embed_dim"]),  # unit rows → unit RMS
                            dtype=dtype, remat=bool(m.get("remat", False)),
                            scan_blocks=bool(m.get("scan_blocks", False)), rngs=rngs)
     self.fr = iresnet.IResNet(fr_info["arch"], embed_dim=fr_info["embed_dim"],
@@ -109,7 +111,8 @@ def dit_loss(model: Stage2, batch: dict[str, jax.Array], rng: jax.Array, *, cfg:
     lmk = losses.drop_landmarks(r_l, lmk, float(d.landmark_drop), fill=-1.0)
   pred = model.dit(jnp.concatenate([x_t, lmk], axis=-1), t, cond)
   _, diff_loss = losses.diffusion_loss(pred, x0, noise, t, schedule, kind=d.prediction,
-                                       weighting=d.weighting)
+                                       weighting=d.weighting,
+                                       min_snr_gamma=float(d.get("snr_gamma", 5.0)))
   metrics = {"loss_diffusion": diff_loss}
   loss = diff_loss
   weight = float(d.id_loss_weight)
