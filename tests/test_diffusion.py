@@ -124,7 +124,7 @@ def test_diffusion_loss_weighting_is_parameterization_invariant():
   x_t = P.q_sample(sched, x0, t, eps)
   eps_hat = P.pred_to_x0_eps("x0", x0_hat, x_t, t, sched)[1]
   results = {}
-  for weighting in ("min_snr", "snr"):
+  for weighting in ("min_snr", "snr", "v"):
     for kind in P.KINDS:
       pred = P.target(kind, x0_hat, eps_hat, t, sched)
       per, mean = losses.diffusion_loss(pred, x0, eps, t, sched, kind, weighting)
@@ -137,6 +137,14 @@ def test_diffusion_loss_weighting_is_parameterization_invariant():
   ac = np.asarray(sched.alphas_cumprod, np.float64)[np.asarray(t)]
   np.testing.assert_allclose(results[("min_snr", "x0")],
                              mse_x0 * np.minimum(ac / (1 - ac), 5.0), rtol=1e-4)
+  np.testing.assert_allclose(results[("v", "x0")],
+                             mse_x0 * np.minimum(ac / (1 - ac) + 1.0, 5.0), rtol=1e-4)
+  # Uncapped, 'v' on an x0 prediction IS the plain v loss of the same prediction (JiT's
+  # x-prediction + v-loss).
+  x0_as_v = losses.diffusion_loss(x0_hat, x0, eps, t, sched, "x0", "v", min_snr_gamma=1e12)[0]
+  plain_v = losses.diffusion_loss(P.target("v", x0_hat, eps_hat, t, sched), x0, eps, t, sched,
+                                  "v")[0]
+  np.testing.assert_allclose(x0_as_v, plain_v, rtol=2e-3)
   # Unweighted v loss and the mask.
   v = P.v_target(x0, eps, t, sched)
   per, mean = losses.diffusion_loss(v + 1.0, x0, eps, t, sched, "v")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from vigface_jax.diffusion import parameterization
 from vigface_jax.diffusion.schedules import Schedule, snr as schedule_snr
 
-WEIGHTINGS = ("none", "min_snr", "snr")
+WEIGHTINGS = ("none", "min_snr", "snr", "v")
 
 
 def snr_weight(
@@ -23,13 +23,16 @@ def snr_weight(
   ‖ε − ε̂‖² = SNR·‖x0 − x̂0‖² and ‖v − v̂‖² = (SNR + 1)·‖x0 − x̂0‖², so an x0-space weight w(SNR)
   becomes w / SNR for ε and w / (SNR + 1) for v. 'min_snr' is Hang et al. (2023):
   w = min(SNR, γ), i.e. min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v, min(SNR, γ) for x0.
-  'snr' is w = SNR (the plain ε-MSE, expressed for each kind). 'none' weighs every example by 1.
+  'snr' is w = SNR (the plain ε-MSE, expressed for each kind). 'v' is w = min(SNR + 1, γ), the
+  v-MSE truncated at γ: with x0-prediction this is JiT's "x-prediction, v-loss" (Li & He 2025),
+  which up-weights low-noise examples so a narrow model still learns sharp reconstructions.
+  'none' weighs every example by 1.
 
   Args:
     snr: signal-to-noise ratios, any shape.
     kind: the prediction kind ('eps', 'v' or 'x0').
-    weighting: 'none', 'min_snr' or 'snr'.
-    min_snr_gamma: γ of min-SNR-γ.
+    weighting: 'none', 'min_snr', 'snr' or 'v'.
+    min_snr_gamma: γ of min-SNR-γ (the cap of 'v').
 
   Returns:
     Weights shaped like `snr` (float32).
@@ -45,6 +48,11 @@ def snr_weight(
       return jnp.ones_like(snr)
     return snr / (snr + 1.0) if kind == "v" else snr
   gamma = jnp.float32(min_snr_gamma)
+  if weighting == "v":
+    w = jnp.minimum(snr + 1.0, gamma)  # x0-space weight
+    if kind == "x0":
+      return w
+    return w / (snr + 1.0) if kind == "v" else w / jnp.maximum(snr, 1e-12)
   if kind == "eps":
     return jnp.minimum(1.0, gamma / snr)  # = min(SNR, γ)/SNR, finite at SNR → 0
   clipped = jnp.minimum(snr, gamma)
@@ -71,8 +79,8 @@ def diffusion_loss(
     t: integer timesteps [b].
     schedule: the noise schedule.
     kind: 'eps', 'v' or 'x0'.
-    weighting: 'none', 'min_snr' or 'snr' (see `snr_weight`).
-    min_snr_gamma: γ of min-SNR-γ.
+    weighting: 'none', 'min_snr', 'snr' or 'v' (see `snr_weight`).
+    min_snr_gamma: γ of min-SNR-γ (the cap of 'v').
     mask: optional weights broadcastable to `pred` after right-padding with unit dims (e.g. [b]
       to drop examples, or [b, H, W, 1] for a pixel mask). The per-example loss is the masked
       mean over non-batch dims; the mean is over examples whose mask is not all zero.
