@@ -236,6 +236,36 @@ def test_remat_and_scan_match_plain_loop(tiny_random):
                              rtol=1e-4, atol=1e-6)
 
 
+def test_remat_and_scan_inside_a_sampler_loop(tiny_random):
+  """Merged under jit and called inside `lax.scan`, as samplers do (nnx.scan / nnx.remat
+  refused this: "Cannot extract graph node from different trace level")."""
+  x, _, cond = _inputs(4)
+  x = x[..., :3]
+  scanned = dit.DiT("tiny", scan_blocks=True, remat=True, rngs=nnx.Rngs(9))
+  _stacked_copy(tiny_random, scanned)
+  remat = dit.DiT("tiny", remat=True, rngs=nnx.Rngs(9))
+  nnx.update(remat, nnx.state(tiny_random, nnx.Param))
+
+  def run(model):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def loop(state, x):
+      m = nnx.merge(graphdef, state)
+
+      def body(x, t):
+        return x - 0.1 * m(jnp.concatenate([x, x], -1), t, cond), None
+
+      return jax.lax.scan(body, x, jnp.array([900, 500, 100]))[0]
+
+    return np.asarray(loop(state, x))
+
+  ref = run(tiny_random)
+  assert not np.allclose(ref, np.asarray(x))
+  np.testing.assert_allclose(run(scanned), ref, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(run(remat), ref, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("scan_blocks", [False, True])
 def test_logical_axes_on_every_param(scan_blocks):
   model = nnx.eval_shape(lambda: dit.DiT("tiny", scan_blocks=scan_blocks, rngs=nnx.Rngs(0)))

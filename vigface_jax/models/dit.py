@@ -46,9 +46,10 @@ Conventions:
   over 'model' in contiguous blocks splits whole heads. With `scan_blocks=True` the
   stacked block parameters get a leading `'layers'` axis (replicated).
 * **remat / scan.** `remat=True` rematerialises each block in the backward pass
-  (`nnx.remat`); `scan_blocks=True` creates the blocks with `nnx.vmap` (parameters
-  stacked over depth) and runs them with `nnx.scan` (one compiled block instead of
-  `depth`). Both give the plain loop's result for the same weights.
+  (`jax.checkpoint`); `scan_blocks=True` creates the blocks with `nnx.vmap` (parameters
+  stacked over depth) and runs them with `jax.lax.scan` (one compiled block instead of
+  `depth`). Both give the plain loop's result for the same weights, and both work when the
+  model is called inside another JAX loop (a sampler's `lax.scan`).
 """
 
 from __future__ import annotations
@@ -263,8 +264,35 @@ class FinalLayer(nnx.Module):
     return self.linear(x.astype(self.dtype)).astype(jnp.float32)
 
 
-def _block_call(block: DiTBlock, x: jax.Array, c: jax.Array) -> jax.Array:
-  return block(x, c)
+def _run_blocks(blocks: Any, h: jax.Array, c: jax.Array, *, remat: bool, scan: bool
+                ) -> jax.Array:
+  """Runs the blocks (a list, or one stacked block when `scan`), optionally rematerialised.
+
+  Scan and remat are plain `jax.lax.scan` / `jax.checkpoint` over the blocks' split state,
+  re-merged inside, not `nnx.scan` / `nnx.remat`: those refuse modules created at another trace
+  level, which is exactly how samplers use the DiT (merged under `jax.jit`, called inside the
+  sampler's `lax.scan`). The blocks hold no mutable state, so nothing flows back out.
+  """
+
+  def apply(graphdef: nnx.GraphDef, state: Any, h: jax.Array, c: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(h, c)
+
+  def step(block_graphdef: nnx.GraphDef, state: Any, h: jax.Array) -> jax.Array:
+    fn = functools.partial(apply, block_graphdef)
+    return (jax.checkpoint(fn) if remat else fn)(state, h, c)
+
+  if scan:
+    graphdef, state = nnx.split(blocks)
+    # One block's slice of the stacked state; the scan replaces the leading (depth) axis.
+    h, _ = jax.lax.scan(lambda h, s: (step(graphdef, s, h), None), h, state)
+    return h
+  for block in blocks:
+    if remat:
+      graphdef, state = nnx.split(block)
+      h = step(graphdef, state, h)
+    else:
+      h = block(h, c)
+  return h
 
 
 # --- The network -------------------------------------------------------------
@@ -310,8 +338,8 @@ class DiT(nnx.Module):
       dtype: compute dtype (see the module docstring for what stays float32).
       param_dtype: parameter dtype.
       precision: matmul precision (None: backend default).
-      remat: rematerialise each block in the backward pass (`nnx.remat`).
-      scan_blocks: stack the blocks' parameters over depth and run them with `nnx.scan`.
+      remat: rematerialise each block in the backward pass (`jax.checkpoint`).
+      scan_blocks: stack the blocks' parameters over depth and run them with `jax.lax.scan`.
       rngs: initialisation RNGs.
 
     Raises:
@@ -407,17 +435,7 @@ class DiT(nnx.Module):
     h = self.x_embedder(self.patchify(x.astype(self.dtype))).astype(jnp.float32)
     h = h + jnp.asarray(pos)[None]
     c = self.embed_condition(t, cond)
-    step = nnx.remat(_block_call) if self.remat else _block_call
-    if self.scan_blocks:
-      @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry,
-                transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def run_blocks(h: jax.Array, block: DiTBlock, c: jax.Array) -> jax.Array:
-        return step(block, h, c)
-
-      h = run_blocks(h, self.blocks, c)
-    else:
-      for block in self.blocks:
-        h = step(block, h, c)
+    h = _run_blocks(self.blocks, h, c, remat=self.remat, scan=self.scan_blocks)
     return self.unpatchify(self.final_layer(h, c))
 
 
