@@ -208,6 +208,13 @@ def test_two_steps_crash_resume_two_more_equals_four(tmp_path, monkeypatch):
   assert (sigma > 0).all()  # the σ buffer is part of what is saved and restored
   assert summary["num_real"] == 16 and summary["num_virtual"] == 16
 
+  # Re-running the finished workdir trains nothing and rewrites its own export/ (it used to
+  # stop with "export already holds a backbone checkpoint").
+  again = fr.run(config, straight)
+  assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == ["2", "4"]
+  assert again["num_real"] == 16
+  assert os.path.exists(os.path.join(straight, "export", "backbone.json"))
+
 
 def test_stage1_cli_outputs_and_exported_backbone(tmp_path):
   workdir = tmp_path / "run"

@@ -238,9 +238,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary.update({k_: v for k_, v in result.metrics.items()})
     model = state_lib.merge(result.setup.graphdef, result.state, use_ema=True)
     model.eval()
+    # export/ is this run's own output: rewrite it, so re-running a finished (or resumed)
+    # workdir ends cleanly instead of stopping at "already holds a backbone".
     embed_lib.save_backbone(os.path.join(workdir, "export"), model.backbone,
                             arch=config.model.arch, embed_dim=int(config.model.embed_dim),
-                            input_size=model.input_size)
+                            input_size=model.input_size, force=True)
     centres = jax.device_get(model.head.weight[...])
     report = prototypes.write_report(workdir, centres, n) if parallel.is_main_process() else {}
     if report:
