@@ -272,17 +272,10 @@ def randomise_zero_init(model: dit.DiT, seed: int) -> None:
 
 def scanned_copy(model: dit.DiT) -> dit.DiT:
   """The same network built with `scan_blocks=True`, block weights stacked over depth."""
-  v = model.variant
-  scanned = dit.DiT(v, patch_size=model.patch_size, input_size=INPUT_SIZE,
+  scanned = dit.DiT(model.variant, patch_size=model.patch_size, input_size=INPUT_SIZE,
                     in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, cond_dim=COND_DIM,
                     scan_blocks=True, rngs=nnx.Rngs(0))
-  # Copies (jnp.array), not the same buffers: the unrolled model's state is donated.
-  pure = jax.tree.map(jnp.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  blocks = pure.pop("blocks")
-  pure["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in sorted(blocks)])
-  state = nnx.state(scanned, nnx.Param)
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(scanned, state)
+  dit.copy_into_scanned(model, scanned)  # copies: the unrolled model's state is donated
   return scanned
 
 

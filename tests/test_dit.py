@@ -200,16 +200,6 @@ def test_parameter_count_b8_formula():
   assert dit.parameter_count("B", 8, scan_blocks=True) == total
 
 
-def _stacked_copy(plain: dit.DiT, scanned: dit.DiT) -> None:
-  """Loads `plain`'s weights into `scanned` (block params stacked over depth)."""
-  pure = nnx.to_pure_dict(nnx.state(plain, nnx.Param))
-  blocks = pure.pop("blocks")
-  pure["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in sorted(blocks)])
-  state = nnx.state(scanned, nnx.Param)
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(scanned, state)
-
-
 def test_remat_and_scan_match_plain_loop(tiny_random):
   x, t, cond = _inputs(4)
   ref = np.asarray(_forward(tiny_random, x, t, cond))
@@ -219,7 +209,7 @@ def test_remat_and_scan_match_plain_loop(tiny_random):
   np.testing.assert_allclose(_forward(remat, x, t, cond), ref, rtol=0, atol=1e-5)
   scanned = dit.DiT("tiny", scan_blocks=True, remat=True, rngs=nnx.Rngs(9))
   assert scanned.blocks.mlp.fc1.kernel.shape == (2, 32, 128)
-  _stacked_copy(tiny_random, scanned)
+  dit.copy_into_scanned(tiny_random, scanned)
 
   # Gradients too: remat + scan must differentiate like the plain loop.
   def loss(model):
@@ -242,7 +232,7 @@ def test_remat_and_scan_inside_a_sampler_loop(tiny_random):
   x, _, cond = _inputs(4)
   x = x[..., :3]
   scanned = dit.DiT("tiny", scan_blocks=True, remat=True, rngs=nnx.Rngs(9))
-  _stacked_copy(tiny_random, scanned)
+  dit.copy_into_scanned(tiny_random, scanned)
   remat = dit.DiT("tiny", remat=True, rngs=nnx.Rngs(9))
   nnx.update(remat, nnx.state(tiny_random, nnx.Param))
 
@@ -316,12 +306,7 @@ _EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     ref = np.asarray(fwd(model, x, t, cond))
 
     scanned = dit.DiT("tiny", scan_blocks=True, rngs=nnx.Rngs(0))
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    blocks = pure.pop("blocks")
-    pure["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in sorted(blocks)])
-    scan_state = nnx.state(scanned, nnx.Param)
-    nnx.replace_by_pure_dict(scan_state, pure)
-    nnx.update(scanned, scan_state)
+    dit.copy_into_scanned(model, scanned)
 
     batch = parallel.batch_sharding(mesh)
     xs, ts, cs = (jax.device_put(a, batch) for a in (x, t, cond))

@@ -451,3 +451,17 @@ def parameter_count(variant: str | Variant, patch_size: int = 8, **kwargs: Any) 
   model = nnx.eval_shape(
       lambda: DiT(variant, patch_size=patch_size, rngs=nnx.Rngs(0), **kwargs))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def copy_into_scanned(plain: DiT, scanned: DiT) -> None:
+  """Loads an unrolled DiT's parameters into a `scan_blocks=True` DiT of the same shape.
+
+  Block parameters are stacked over depth (block i at index i of the leading axis). Every
+  array is a copy, so `plain` may be changed or donated afterwards.
+  """
+  pure = jax.tree.map(jnp.array, nnx.to_pure_dict(nnx.state(plain, nnx.Param)))
+  blocks = pure.pop("blocks")
+  pure["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in sorted(blocks)])
+  state = nnx.state(scanned, nnx.Param)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(scanned, state)
