@@ -8,7 +8,10 @@ facebookresearch/DiT way (`models.py`): a `Conv2d` patch embedding (kernel = str
 fixed 2-D sin-cos position embedding (DiT's numpy code, copied below), DiT's
 `TimestepEmbedder`, `c = t_emb + Linear(cond)` (our replacement of the `LabelEmbedder`),
 adaLN-Zero blocks with timm-style attention (`qkv` laid out `[3, heads, head_dim]`) through
-`F.scaled_dot_product_attention`, a tanh-GELU MLP, DiT's `FinalLayer` and `unpatchify`.
+`F.scaled_dot_product_attention`, a tanh-GELU MLP, DiT's `FinalLayer` and `unpatchify`. With
+`--output_overlap=m` (the demo config uses 4) each token's `(p + 2m)²` window is weighted by
+the same cross-fade and overlap-added with `F.fold` (stride p, padding m), then divided by the
+folded weights: an independent implementation of `dit.fold_patches`.
 
 Weights: our model is built first; its zero-initialised parameters (adaLN modulation kernels,
 the final linear kernel) and all biases are randomised (normal, std 0.02) so the output is not
@@ -67,6 +70,7 @@ from vigface_jax.models import dit
 
 _VARIANT = flags.DEFINE_string("variant", "small", "DiT variant (dit.VARIANTS).")
 _PATCH = flags.DEFINE_integer("patch_size", 8, "Patch side (divides 112).")
+_OVERLAP = flags.DEFINE_integer("output_overlap", 0, "DiT output_overlap (pixels).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per step.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per framework (after 2 warm-up steps).")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for both frameworks.")
@@ -171,10 +175,10 @@ class TorchDiTBlock(nn.Module):
 
 class TorchFinalLayer(nn.Module):
 
-  def __init__(self, hidden: int, patch: int, out_channels: int):
+  def __init__(self, hidden: int, window: int, out_channels: int):
     super().__init__()
     self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-    self.linear = nn.Linear(hidden, patch * patch * out_channels)
+    self.linear = nn.Linear(hidden, window * window * out_channels)
     self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))  # pylint: disable=invalid-name
 
   def forward(self, x, c):
@@ -185,9 +189,10 @@ class TorchFinalLayer(nn.Module):
 class TorchDiT(nn.Module):
   """DiT `models.DiT` with a condition-row projection instead of the label embedder; NCHW."""
 
-  def __init__(self, v: dit.Variant, patch: int, mlp_ratio: float = 4.0):
+  def __init__(self, v: dit.Variant, patch: int, mlp_ratio: float = 4.0, overlap: int = 0):
     super().__init__()
-    self.patch, self.out_channels = patch, OUT_CHANNELS
+    self.patch, self.out_channels, self.overlap = patch, OUT_CHANNELS, overlap
+    self.window = patch + 2 * overlap
     self.x_embedder = nn.Conv2d(IN_CHANNELS, v.hidden, kernel_size=patch, stride=patch)
     self.t_embedder = TorchTimestepEmbedder(v.hidden)
     self.y_embedder = nn.Linear(COND_DIM, v.hidden)
@@ -196,7 +201,25 @@ class TorchDiT(nn.Module):
                          persistent=False)
     self.blocks = nn.ModuleList([TorchDiTBlock(v.hidden, v.heads, mlp_ratio)
                                  for _ in range(v.depth)])
-    self.final_layer = TorchFinalLayer(v.hidden, patch, OUT_CHANNELS)
+    self.final_layer = TorchFinalLayer(v.hidden, self.window, OUT_CHANNELS)
+    if overlap:
+      ramp = (torch.arange(2 * overlap, dtype=torch.float32) + 0.5) / (2 * overlap)
+      w = torch.cat([ramp, torch.ones(patch - 2 * overlap), ramp.flip(0)])
+      self.register_buffer("window_weights", w[:, None] * w[None, :], persistent=False)
+      g = INPUT_SIZE // patch
+      ones = self.window_weights.reshape(1, -1, 1).expand(1, -1, g * g)
+      self.register_buffer("fold_norm", self._fold(ones), persistent=False)
+
+  def _fold(self, cols):
+    return F.fold(cols, (INPUT_SIZE, INPUT_SIZE), self.window, stride=self.patch,
+                  padding=self.overlap)
+
+  def fold_windows(self, x):
+    """`[b, L, (k, k, C)]` windows -> `[b, C, H, W]`: weight, overlap-add, renormalise."""
+    b, n, k, c = x.shape[0], x.shape[1], self.window, self.out_channels
+    x = x.reshape(b, n, k, k, c) * self.window_weights[None, None, :, :, None]
+    cols = x.permute(0, 4, 2, 3, 1).reshape(b, c * k * k, n)  # F.fold's (C, k, k) x L
+    return self._fold(cols) / self.fold_norm
 
   def unpatchify(self, x):
     c, p = self.out_channels, self.patch
@@ -210,6 +233,8 @@ class TorchDiT(nn.Module):
     c = self.t_embedder(t) + self.y_embedder(cond)
     for block in self.blocks:
       x = block(x, c)
+    if self.overlap:
+      return self.fold_windows(self.final_layer(x, c))
     return self.unpatchify(self.final_layer(x, c))
 
 
@@ -274,7 +299,7 @@ def scanned_copy(model: dit.DiT) -> dit.DiT:
   """The same network built with `scan_blocks=True`, block weights stacked over depth."""
   scanned = dit.DiT(model.variant, patch_size=model.patch_size, input_size=INPUT_SIZE,
                     in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, cond_dim=COND_DIM,
-                    scan_blocks=True, rngs=nnx.Rngs(0))
+                    output_overlap=model.output_overlap, scan_blocks=True, rngs=nnx.Rngs(0))
   dit.copy_into_scanned(model, scanned)  # copies: the unrolled model's state is donated
   return scanned
 
@@ -329,9 +354,10 @@ def run() -> dict[str, Any]:
   target = rng.normal(size=(b, INPUT_SIZE, INPUT_SIZE, OUT_CHANNELS)).astype(np.float32)
 
   jmodel = dit.DiT(v, patch_size=_PATCH.value, input_size=INPUT_SIZE, in_channels=IN_CHANNELS,
-                   out_channels=OUT_CHANNELS, cond_dim=COND_DIM, rngs=nnx.Rngs(_SEED.value))
+                   out_channels=OUT_CHANNELS, cond_dim=COND_DIM,
+                   output_overlap=_OVERLAP.value, rngs=nnx.Rngs(_SEED.value))
   randomise_zero_init(jmodel, _SEED.value)
-  tmodel = TorchDiT(v, _PATCH.value).train()
+  tmodel = TorchDiT(v, _PATCH.value, overlap=_OVERLAP.value).train()
   copy_into_torch(tmodel, jmodel)
 
   jx, jt, jcond, jtarget = map(jnp.asarray, (x, t, cond, target))
@@ -410,7 +436,7 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       "",
       f"One step = DiT-{_VARIANT.value} (hidden {r['hidden']}, depth {r['depth']}, "
       f"{r['heads']} heads, {r['params'] / 1e6:.2f} M parameters), patch {_PATCH.value} "
-      f"({r['tokens']} tokens), forward + backward on {b} float32 112x112x{IN_CHANNELS} "
+      f"({r['tokens']} tokens), output_overlap {_OVERLAP.value}, forward + backward on {b} float32 112x112x{IN_CHANNELS} "
       f"inputs with random timesteps and {COND_DIM}-d condition rows, MSE against a fixed "
       f"random 112x112x{OUT_CHANNELS} target, AdamW lr={_LR.value:g} (betas 0.9/0.999, "
       "eps 1e-8, weight decay 0). Median and best of the timed steps after compile + 2 "

@@ -104,9 +104,9 @@ def run() -> dict[str, Any]:
 
   jmodel = dit.DiT(v, patch_size=p, input_size=size, in_channels=dit_step.IN_CHANNELS,
                    out_channels=dit_step.OUT_CHANNELS, cond_dim=dit_step.COND_DIM,
-                   rngs=nnx.Rngs(seed))
+                   output_overlap=dit_step._OVERLAP.value, rngs=nnx.Rngs(seed))  # pylint: disable=protected-access
   dit_step.randomise_zero_init(jmodel, seed)
-  tmodel = dit_step.TorchDiT(v, p).eval()
+  tmodel = dit_step.TorchDiT(v, p, overlap=dit_step._OVERLAP.value).eval()  # pylint: disable=protected-access
   dit_step.copy_into_torch(tmodel, jmodel)
   schedule = schedules.make_schedule("cosine", T)
   graphdef, params = nnx.split(jmodel)
@@ -162,7 +162,8 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       "",
       f"{b} images of 112x112 from DiT-{dit_step._VARIANT.value} (hidden {r['hidden']}, "  # pylint: disable=protected-access
       f"depth {r['depth']}, {r['heads']} heads, {r['params'] / 1e6:.2f} M parameters), patch "
-      f"{dit_step._PATCH.value} ({r['tokens']} tokens); {n}-step DDIM (eta 0, "  # pylint: disable=protected-access
+      f"{dit_step._PATCH.value} ({r['tokens']} tokens), output_overlap "
+      f"{dit_step._OVERLAP.value}; {n}-step DDIM (eta 0, "  # pylint: disable=protected-access
       f"`{_SPACING.value}` spacing, v-prediction, cosine T = {T}, x0 clipped) with "
       f"guidance {_GUIDANCE.value:g}: {n} DiT calls on a batch of {2 * b} "
       "(conditional + unconditional halves). Median of the timed runs after compile + 1 "

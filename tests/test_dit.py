@@ -137,6 +137,70 @@ def test_errors():
     model(jnp.zeros((1, 112, 112, 6)), jnp.zeros((1,)), jnp.zeros((1, 256)))
 
 
+def _ref_fold(tokens, patch, overlap):
+  """Scatter-add reference for `fold_patches`: paste each weighted window, renormalise."""
+  tokens = np.asarray(tokens, np.float64)
+  b, n, d = tokens.shape
+  g, k = int(round(n ** 0.5)), patch + 2 * overlap
+  ch = d // (k * k)
+  w = np.ones(k)
+  w[:2 * overlap] = (np.arange(2 * overlap) + 0.5) / (2 * overlap)
+  w[k - 2 * overlap:] = w[:2 * overlap][::-1]
+  w2 = w[:, None] * w[None, :]
+  size = g * patch + 2 * overlap
+  canvas, weight = np.zeros((b, size, size, ch)), np.zeros((size, size))
+  for i in range(g):
+    for j in range(g):
+      win = tokens[:, i * g + j].reshape(b, k, k, ch)
+      canvas[:, i * patch:i * patch + k, j * patch:j * patch + k] += win * w2[..., None]
+      weight[i * patch:i * patch + k, j * patch:j * patch + k] += w2
+  crop = slice(overlap, overlap + g * patch)
+  return canvas[:, crop, crop] / weight[crop, crop, None]
+
+
+@pytest.mark.parametrize("patch,overlap", [(16, 4), (8, 4), (14, 3)])
+def test_fold_patches_matches_scatter_add_reference(patch, overlap):
+  g = 112 // patch
+  k = patch + 2 * overlap
+  tokens = jax.random.normal(jax.random.key(patch), (2, g * g, k * k * 3))
+  got = jax.jit(dit.fold_patches, static_argnums=(1, 2))(tokens, patch, overlap)
+  assert got.shape == (2, 112, 112, 3)
+  np.testing.assert_allclose(np.asarray(got), _ref_fold(tokens, patch, overlap), atol=1e-5)
+
+
+def test_fold_patches_is_unpatchify_without_overlap_and_keeps_constants(tiny):
+  tokens = jax.random.normal(jax.random.key(0), (2, 14 * 14, 8 * 8 * 3))
+  np.testing.assert_array_equal(dit.fold_patches(tokens, 8, 0), tiny.unpatchify(tokens))
+  const = jnp.full((1, 49, 24 * 24 * 3), 0.7)
+  np.testing.assert_allclose(np.asarray(dit.fold_patches(const, 16, 4)), 0.7, atol=1e-6)
+
+
+def test_fold_patches_crossfades_patch_borders():
+  """Tokens that each predict one flat colour: a mosaic without overlap, ramps with it."""
+  colours = jax.random.uniform(jax.random.key(1), (1, 49, 1, 3))
+  step = float(jnp.ptp(colours, axis=1).max())  # the largest colour difference
+  flat = lambda k: jnp.broadcast_to(colours, (1, 49, k * k, 3)).reshape(1, 49, -1)
+  mosaic = np.asarray(dit.fold_patches(flat(16), 16, 0)[0])
+  faded = np.asarray(dit.fold_patches(flat(24), 16, 4)[0])
+  jump = lambda im: max(np.abs(np.diff(im, axis=a)).max() for a in (0, 1))
+  assert jump(mosaic) > 0.5 * step
+  assert jump(faded) <= step / 8 + 1e-6  # 2·overlap = 8 pixels per cross-fade
+  # Away from the borders each patch keeps its token's colour.
+  np.testing.assert_allclose(faded[3 * 16 + 8, 2 * 16 + 8], colours[0, 3 * 7 + 2, 0], atol=1e-6)
+
+
+def test_output_overlap_model():
+  model = dit.DiT("tiny", patch_size=16, output_overlap=4, rngs=nnx.Rngs(0))
+  assert model.final_layer.linear.kernel.shape == (32, 24 * 24 * 3)
+  x, t, cond = _inputs(batch=2)
+  assert not np.any(np.asarray(_forward(model, x, t, cond)))  # zero final layer
+  _randomize(model, 5)
+  y = np.asarray(_forward(model, x, t, cond))
+  assert y.shape == (2, 112, 112, 3) and np.all(np.isfinite(y)) and np.any(y)
+  with pytest.raises(ValueError, match="output_overlap must be in"):
+    dit.DiT("tiny", patch_size=16, output_overlap=9, rngs=nnx.Rngs(0))
+
+
 def _ref_2d_sincos(embed_dim, grid_size):
   """facebookresearch/DiT `get_2d_sincos_pos_embed` (cls_token=False), verbatim numpy."""
   def one_d(dim, pos):

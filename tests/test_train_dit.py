@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import dit as dit_config
@@ -52,12 +53,24 @@ def test_missing_stage1_names_the_command(tmp_path):
 
 def test_stage2_trains_samples_and_keeps_stage1_frozen(stage1, tmp_path):
   workdir = str(tmp_path / "dit")
-  summary = dit.run(_tiny(stage1), workdir)
-  assert os.path.exists(os.path.join(workdir, "samples", "step_0000004.png"))
+  config = _tiny(stage1)
+  # The sweep re-runs the main scale (same rows, landmarks, seeds: the same images and
+  # metrics) and one other scale.
+  config.sample.guidance_sweep = (config.sample.guidance, 1.0)
+  summary = dit.run(config, workdir)
+  samples = os.path.join(workdir, "samples")
+  assert sorted(os.listdir(samples)) == ["step_0000004.png", "step_0000004_g1.png",
+                                         "step_0000004_g4.png"]
   for key in ("identity/top1", "identity/mean_cos_to_row", "train/loss_diffusion",
-              "train/loss_identity"):
+              "train/loss_identity", "guidance_sweep/top1_g1",
+              "guidance_sweep/mean_cos_to_row_g1"):
     assert key in summary, sorted(summary)
   assert summary["identity/chance"] == pytest.approx(1 / 16)
+  assert summary["guidance_sweep/top1_g4"] == summary["identity/top1"]
+  assert summary["guidance_sweep/mean_cos_to_row_g4"] == summary["identity/mean_cos_to_row"]
+  sheet = lambda name: np.asarray(Image.open(os.path.join(samples, name)))
+  np.testing.assert_array_equal(sheet("step_0000004_g4.png"), sheet("step_0000004.png"))
+  assert not np.array_equal(sheet("step_0000004_g1.png"), sheet("step_0000004.png"))
   # The FR network and the row table are exactly stage 1's after training.
   saved = _checkpoint_tree(workdir, 4)
   model, _ = embed_lib.load_backbone(stage1)
@@ -91,6 +104,14 @@ def test_stage2_two_steps_crash_resume_equals_four(stage1, tmp_path, monkeypatch
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(_arr(x), _arr(y), rtol=1e-6, atol=1e-7,
                                err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("sweep", [("strong",), (1.0, float("nan"))])
+def test_bad_guidance_sweep_names_the_field(tmp_path, sweep):
+  config = dit_config.get_config("tiny")
+  config.sample.guidance_sweep = sweep
+  with pytest.raises(config_lib.ConfigError, match="sample.guidance_sweep"):
+    dit.run(config, str(tmp_path))
 
 
 def test_identity_consistency():

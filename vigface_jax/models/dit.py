@@ -24,7 +24,10 @@ Structure (`DiT.__call__(x, t, cond)`):
   shift/scale/gate for attention and MLP; LayerNorm without affine (eps 1e-6);
   multi-head self-attention via `jax.nn.dot_product_attention`; MLP with tanh-GELU.
 * **Final layer.** adaLN (shift/scale) + LayerNorm + `Linear(p * p * out_channels)`,
-  then unpatchify to `[b, H, W, out_channels]` (always float32).
+  then unpatchify to `[b, H, W, out_channels]` (always float32). With `output_overlap=m`
+  (not in DiT) each token predicts a `(p + 2m)²` window instead, and `fold_patches`
+  overlap-adds the windows with linear cross-fades `2m` pixels wide across every patch
+  border, so neighbouring tokens blend instead of meeting at a step.
 
 Initialisation follows DiT's `initialize_weights`: xavier-uniform dense kernels (the
 patch embedding on its flattened `[p * p * C, hidden]` kernel) and zero biases, normal(0.02)
@@ -317,6 +320,7 @@ class DiT(nnx.Module):
       precision: jax.lax.Precision | None = None,
       remat: bool = False,
       scan_blocks: bool = False,
+      output_overlap: int = 0,
       rngs: nnx.Rngs,
   ):
     """Creates a DiT initialised as DiT's `initialize_weights` (output exactly zero).
@@ -340,11 +344,18 @@ class DiT(nnx.Module):
       precision: matmul precision (None: backend default).
       remat: rematerialise each block in the backward pass (`jax.checkpoint`).
       scan_blocks: stack the blocks' parameters over depth and run them with `jax.lax.scan`.
+      output_overlap: m ≥ 0 pixels; each token predicts a `(p + 2m)²` window centred on its
+        patch and the windows are overlap-added with linear cross-fades `2m` pixels wide
+        across every patch border (`fold_patches`). 0 is DiT's plain unpatchify. Tokens
+        predict their patches independently, so an undertrained DiT with large patches draws
+        a mosaic with a step at every border; the cross-fade makes the image continuous
+        wherever the tokens' own windows are, at the cost of a wider final layer.
       rngs: initialisation RNGs.
 
     Raises:
-      ValueError: unknown variant, a patch size that does not divide `input_size`, or a
-        hidden size that heads / 2-D sin-cos cannot split.
+      ValueError: unknown variant, a patch size that does not divide `input_size`, a
+        hidden size that heads / 2-D sin-cos cannot split, or an `output_overlap` outside
+        [0, patch_size / 2].
     """
     v = get_variant(variant) if isinstance(variant, str) else variant
     if patch_size < 1 or input_size % patch_size:
@@ -353,6 +364,10 @@ class DiT(nnx.Module):
                        f"got {patch_size}")
     if v.hidden % 4:
       raise ValueError(f"hidden size must be a multiple of 4, got {v.hidden}")
+    if not 0 <= 2 * output_overlap <= patch_size:
+      raise ValueError(f"output_overlap must be in [0, patch_size / 2 = {patch_size // 2}] "
+                       f"(the cross-fades of a patch's two borders must not meet), got "
+                       f"{output_overlap}")
     c = _Common(dtype, param_dtype, precision)
     self.variant = v
     self.patch_size = patch_size
@@ -364,6 +379,7 @@ class DiT(nnx.Module):
     self.dtype = dtype
     self.remat = remat
     self.scan_blocks = scan_blocks
+    self.output_overlap = int(output_overlap)
     hidden = v.hidden
     self.x_embedder = c.dense(patch_size * patch_size * in_channels, hidden,
                               ("patch", "embed"), rngs)
@@ -379,7 +395,8 @@ class DiT(nnx.Module):
     else:
       self.blocks = nnx.List([DiTBlock(hidden, v.heads, mlp_ratio, c, rngs)
                               for _ in range(v.depth)])
-    self.final_layer = FinalLayer(hidden, patch_size * patch_size * out_channels, c, rngs)
+    window = patch_size + 2 * self.output_overlap
+    self.final_layer = FinalLayer(hidden, window * window * out_channels, c, rngs)
 
   @property
   def grid_size(self) -> int:
@@ -436,7 +453,77 @@ class DiT(nnx.Module):
     h = h + jnp.asarray(pos)[None]
     c = self.embed_condition(t, cond)
     h = _run_blocks(self.blocks, h, c, remat=self.remat, scan=self.scan_blocks)
-    return self.unpatchify(self.final_layer(h, c))
+    out = self.final_layer(h, c)
+    if self.output_overlap:
+      return fold_patches(out, self.patch_size, self.output_overlap)
+    return self.unpatchify(out)
+
+
+# --- Overlapping output windows --------------------------------------------
+
+
+def _crossfade_window(patch: int, overlap: int) -> np.ndarray:
+  """1-D weights over a `patch + 2 * overlap` window: linear ramps across both borders.
+
+  Position k is pixel k − overlap of the patch. Over the 2·overlap pixels around a border
+  the outgoing token's weight falls as the incoming one's rises, summing to exactly 1.
+  """
+  ramp = (np.arange(2 * overlap) + 0.5) / (2 * overlap)
+  return np.concatenate([ramp, np.ones(patch - 2 * overlap), ramp[::-1]]).astype(np.float32)
+
+
+def _fold_axis(y: jax.Array, token_axis: int, pixel_axis: int, patch: int, overlap: int
+               ) -> jax.Array:
+  """Overlap-adds windows of `patch + 2·overlap` along one axis into patches of `patch`."""
+  def take(a, start, stop):
+    return jax.lax.slice_in_dim(a, start, stop, axis=pixel_axis)
+
+  def shift(a, by):  # token n receives token n − by; zeros enter at the edge
+    pad = [(0, 0)] * a.ndim
+    pad[token_axis] = (by, 0) if by > 0 else (0, -by)
+    a = jnp.pad(a, pad)
+    n = a.shape[token_axis]
+    return jax.lax.slice_in_dim(a, 0, n - by, axis=token_axis) if by > 0 else \
+        jax.lax.slice_in_dim(a, -by, n, axis=token_axis)
+
+  def place(a, before, after):
+    pad = [(0, 0)] * a.ndim
+    pad[pixel_axis] = (before, after)
+    return jnp.pad(a, pad)
+
+  m, p = overlap, patch
+  out = take(y, m, m + p)
+  out = out + place(shift(take(y, p + m, p + 2 * m), 1), 0, p - m)  # previous token's tail
+  out = out + place(shift(take(y, 0, m), -1), p - m, 0)  # next token's head
+  return out
+
+
+def fold_patches(tokens: jax.Array, patch: int, overlap: int) -> jax.Array:
+  """`[b, g², (p + 2m)² · C]` overlapping token windows -> `[b, g·p, g·p, C]` image.
+
+  Each window is weighted by the separable cross-fade of `_crossfade_window` and added
+  into place; at the image border, where a window has no neighbour, the weights are
+  renormalised, so tokens that all predict one colour give exactly that colour everywhere.
+  `overlap=0` is `DiT.unpatchify`.
+  """
+  b, n, d = tokens.shape
+  g = math.isqrt(n)
+  k = patch + 2 * overlap
+  ch = d // (k * k)
+  if g * g != n or ch * k * k != d or not 0 <= 2 * overlap <= patch:
+    raise ValueError(f"fold_patches: {tokens.shape} is not [b, g², ({patch} + 2·{overlap})² "
+                     "· C] with 2·overlap ≤ patch")
+  w = _crossfade_window(patch, overlap)
+  y = tokens.reshape(b, g, g, k, k, ch) * jnp.asarray(w[:, None, None] * w[None, :, None])
+  y = _fold_axis(y, 2, 4, patch, overlap)  # columns
+  y = _fold_axis(y, 1, 3, patch, overlap)  # rows
+  # Weight each pixel received (1 except in the outer half-ramps of the image border).
+  norm = np.zeros(g * patch + 2 * overlap, np.float32)
+  for i in range(g):
+    norm[i * patch:i * patch + k] += w
+  norm = norm[overlap:overlap + g * patch]
+  y = y.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * patch, g * patch, ch)
+  return y / jnp.asarray(norm[:, None, None] * norm[None, :, None])
 
 
 # --- Parameter counting ---------------------------------------------------

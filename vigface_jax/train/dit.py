@@ -69,7 +69,8 @@ class Stage2(nnx.Module):
     self.dit = dit_lib.DiT(m.variant, patch_size=int(m.patch_size), cond_dim=fr_info["embed_dim"],
                            cond_scale=math.sqrt(fr_info["embed_dim"]),  # unit rows → unit RMS
                            dtype=dtype, remat=bool(m.get("remat", False)),
-                           scan_blocks=bool(m.get("scan_blocks", False)), rngs=rngs)
+                           scan_blocks=bool(m.get("scan_blocks", False)),
+                           output_overlap=int(m.get("output_overlap", 0)), rngs=rngs)
     self.fr = iresnet.IResNet(fr_info["arch"], embed_dim=fr_info["embed_dim"],
                               input_size=fr_info["input_size"], rngs=rngs)
     self.fr.eval()
@@ -132,22 +133,23 @@ def dit_loss(model: Stage2, batch: dict[str, jax.Array], rng: jax.Array, *, cfg:
 
 
 def make_sampler(setup: state_lib.Setup, cfg: Any, schedule: schedules.Schedule):
-  """Jitted `sample(params, rest, rows, landmark_images, rng) -> uint8 [b, 112, 112, 3]`.
+  """Jitted `sample(params, rest, rows, landmark_images, rng, guidance)` -> uint8 images.
 
   DDIM (`sample.num_steps`, `sample.eta`, `sample.spacing`) with classifier-free guidance
-  `sample.guidance` (conditional and unconditional halves in one batched DiT call).
+  `guidance` (conditional and unconditional halves in one batched DiT call). The scale is
+  an argument, not a constant, so one compilation serves every scale of a sweep.
   """
   s = cfg.sample
 
   @jax.jit
-  def sample(params, rest, rows, lmk, rng):
+  def sample(params, rest, rows, lmk, rng, guidance):
     model = nnx.merge(setup.graphdef, params, rest)
 
     def with_cond(x_t, t, cond):
       twice = jnp.concatenate([lmk] * (x_t.shape[0] // lmk.shape[0]), axis=0)
       return model.dit(jnp.concatenate([x_t, twice], axis=-1), t, cond)
 
-    model_fn = samplers.cfg_model_fn(with_cond, rows, float(s.guidance))
+    model_fn = samplers.cfg_model_fn(with_cond, rows, guidance)
     x0 = samplers.ddim_sample(model_fn, schedule, (rows.shape[0],) + lmk.shape[1:3] + (3,), rng,
                               num_steps=int(s.num_steps), eta=float(s.eta),
                               kind=cfg.diffusion.prediction, spacing=s.spacing, clip_x0=1.0)
@@ -182,9 +184,35 @@ def _sheet(images: np.ndarray, lmk: np.ndarray, rows: int, cols: int) -> np.ndar
   return sheet
 
 
+def guidance_sweep(config: Any) -> tuple[float, ...]:
+  """`sample.guidance_sweep` as floats; ConfigError naming the field if it is not numbers."""
+  value = config.sample.get("guidance_sweep", ()) or ()
+  try:
+    scales = tuple(float(g) for g in value)
+  except (TypeError, ValueError):
+    raise config_lib.ConfigError(
+        f"sample.guidance_sweep must be a sequence of guidance scales such as (1.0, 2.0), got "
+        f"{value!r}") from None
+  if not all(np.isfinite(scales)):
+    raise config_lib.ConfigError(f"sample.guidance_sweep must be finite, got {value!r}")
+  return scales
+
+
+def guidance_key(scale: float) -> str:
+  """Metric/file suffix of a guidance scale: 2.0 -> 'g2', 1.5 -> 'g1.5'."""
+  return f"g{float(scale):g}"
+
+
 def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np.ndarray):
-  """Sample-sheet and identity-consistency hooks (both from the EMA parameters)."""
+  """Sample-sheet and identity-consistency hooks (both from the EMA parameters).
+
+  Every `sample.every` steps (and at the end): a sheet `samples/step_<N>.png` and
+  `identity/*` at `sample.guidance`. At the end only, for each scale g of
+  `sample.guidance_sweep`: a sheet `samples/step_<N>_g<g>.png` and `guidance_sweep/top1_g<g>`,
+  `guidance_sweep/mean_cos_to_row_g<g>` on the same rows, landmarks and seeds.
+  """
   s = config.sample
+  sweep = guidance_sweep(config)
   n_ids, n_lmk = int(s.sheet_identities), int(s.sheet_landmarks)
   lmk_images = np.asarray(landmarks_lib.render_landmark_image(points))  # uint8 [L, 112, 112, 3]
   lmk_model = np.asarray(to_model_range(jnp.asarray(lmk_images)))
@@ -199,8 +227,9 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
     def embed(params, rest, images):
       return nnx.merge(setup.graphdef, params, rest).embed(images)
 
-    def generate(state, rows, lmk, seed):
+    def generate(state, rows, lmk, seed, guidance):
       params = state.ema if state.ema is not None else state.params
+      guidance = jnp.asarray(guidance, jnp.float32)
       out = []
       for start in range(0, rows.shape[0], batch):
         r, l = rows[start:start + batch], lmk[start:start + batch]
@@ -209,32 +238,52 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
           r = np.concatenate([r, np.zeros((pad,) + r.shape[1:], r.dtype)])
           l = np.concatenate([l, np.repeat(l[:1], pad, 0)])
         imgs = sample(params, state.rest, jnp.asarray(r), jnp.asarray(l),
-                      jax.random.PRNGKey(seed + start))
+                      jax.random.PRNGKey(seed + start), guidance)
         out.append(np.asarray(imgs)[:batch - pad])
       return np.concatenate(out)
 
-    def sheet_fn(step: int, state) -> dict[str, float]:
+    def write_sheet(step: int, state, guidance: float, suffix: str = "") -> None:
       rows = np.repeat(real_rows[:n_ids], n_lmk, axis=0)
       lmk = np.tile(lmk_model, (n_ids, 1, 1, 1))
-      images = generate(state, rows, lmk, seed=int(s.seed))
+      images = generate(state, rows, lmk, int(s.seed), guidance)
       sheet = _sheet(images, lmk_images, n_ids, n_lmk)
       if parallel.is_main_process():
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        Image.fromarray(sheet).save(os.path.join(workdir, "samples", f"step_{step:07d}.png"))
-        writer.write_image(step, "samples", sheet)
-      return {}
+        Image.fromarray(sheet).save(
+            os.path.join(workdir, "samples", f"step_{step:07d}{suffix}.png"))
+        writer.write_image(step, "samples" + suffix, sheet)
 
-    def identity_fn(step: int, state) -> dict[str, float]:
-      del step
+    def identity(state, guidance: float) -> dict[str, float]:
       rows = real_rows[:num_eval]
       lmk = lmk_model[np.arange(num_eval) % len(lmk_model)]
-      images = generate(state, rows, lmk, seed=int(s.seed) + 1)
+      images = generate(state, rows, lmk, int(s.seed) + 1, guidance)
       emb = np.concatenate([np.asarray(embed(state.params, state.rest, jnp.asarray(
           images[i:i + batch]))) for i in range(0, len(images), batch)])
       return identity_consistency(emb, real_rows, np.arange(num_eval))
 
+    def sheet_fn(step: int, state) -> dict[str, float]:
+      write_sheet(step, state, float(s.guidance))
+      return {}
+
+    def identity_fn(step: int, state) -> dict[str, float]:
+      del step
+      return identity(state, float(s.guidance))
+
+    def sweep_fn(step: int, state) -> dict[str, float]:
+      out = {}
+      for g in sweep:
+        key = guidance_key(g)
+        write_sheet(step, state, g, "_" + key)
+        r = identity(state, g)
+        out[f"top1_{key}"] = r["top1"]
+        out[f"mean_cos_to_row_{key}"] = r["mean_cos_to_row"]
+      return out
+
     every = int(s.every)
-    return [loop.Hook("samples", every, sheet_fn), loop.Hook("identity", every, identity_fn)]
+    hooks = [loop.Hook("samples", every, sheet_fn), loop.Hook("identity", every, identity_fn)]
+    if sweep:
+      hooks.append(loop.Hook("guidance_sweep", 0, sweep_fn))
+    return hooks
 
   return factory
 
@@ -281,6 +330,7 @@ REQUIRED_FIELDS = ("data.source", "train.num_steps", "model.variant")
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains stage 2 and reports identity consistency of samples from real rows."""
   fr_task.check_data(config)
+  guidance_sweep(config)  # a bad field fails before anything is built
   info, real_rows = _stage1(config)
   rules = config.get("sharding_rules", parallel.DEFAULT_RULES)
   mesh = parallel.mesh_from_config(config)
