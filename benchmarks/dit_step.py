@@ -1,6 +1,6 @@
 r"""Stage-2 training step, JAX vs PyTorch: pixel-space DiT + MSE + AdamW, CPU float32.
 
-    python -m benchmarks.dit_step --variant=small --patch_size=16 --batch=32 --steps=5 [--write]
+    python -m benchmarks.dit_step --variant=small --patch_size=16 --output_overlap=4 --batch=32 --steps=5 [--write]
 
 One training step of `vigface_jax.models.dit.DiT` (112x112, 6 input channels, 3 output
 channels, 512-d condition rows) against the same architecture written here in PyTorch the

@@ -1,6 +1,6 @@
 r"""Stage-2 sampling, JAX vs PyTorch + diffusers: 50-step DDIM with classifier-free guidance.
 
-    python -m benchmarks.sample --variant=small --patch_size=16 --batch=16 --sample_steps=50 [--write]
+    python -m benchmarks.sample --variant=small --patch_size=16 --output_overlap=4 --batch=16 --sample_steps=50 [--write]
 
 Draws `--batch` 112x112 faces with DDIM (eta 0, `trailing` spacing, cosine schedule T = 1000,
 v-prediction, x0 clipped to [-1, 1], guidance 4.0: the sampling settings of `configs/dit.py`)
