@@ -436,7 +436,8 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       "",
       f"One step = DiT-{_VARIANT.value} (hidden {r['hidden']}, depth {r['depth']}, "
       f"{r['heads']} heads, {r['params'] / 1e6:.2f} M parameters), patch {_PATCH.value} "
-      f"({r['tokens']} tokens), output_overlap {_OVERLAP.value}, forward + backward on {b} float32 112x112x{IN_CHANNELS} "
+      f"({r['tokens']} tokens), output_overlap {_OVERLAP.value}, forward + backward on {b} "
+      f"float32 112x112x{IN_CHANNELS} "
       f"inputs with random timesteps and {COND_DIM}-d condition rows, MSE against a fixed "
       f"random 112x112x{OUT_CHANNELS} target, AdamW lr={_LR.value:g} (betas 0.9/0.999, "
       "eps 1e-8, weight decay 0). Median and best of the timed steps after compile + 2 "
