@@ -317,3 +317,40 @@ def test_cfg_scales_and_single_doubled_call():
   out = sample(jax.random.key(0))
   assert calls == [2 * b]  # traced once inside the scan body: one batched call per step
   assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.7, 1.0])
+def test_guidance_rescale_matches_diffusers(phi):
+  # pylint: disable-next=import-outside-toplevel
+  from diffusers.guiders.guider_utils import rescale_noise_cfg
+  rng = np.random.default_rng(0)
+  cond_out = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
+  guided = (4.0 * rng.normal(size=(3, 8, 8, 3)) + 0.5).astype(np.float32)
+  ref = rescale_noise_cfg(torch.from_numpy(guided), torch.from_numpy(cond_out), phi).numpy()
+  ours = np.asarray(samplers.rescale_guided(jnp.asarray(guided), jnp.asarray(cond_out), phi))
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+  if phi == 1.0:  # each example takes its conditional prediction's spread
+    np.testing.assert_allclose(ours.std(axis=(1, 2, 3)), cond_out.std(axis=(1, 2, 3)), rtol=1e-5)
+
+
+def test_cfg_interval_guides_only_inside_and_rescale_applies_there():
+  def model(x, t, cond):
+    return _toy_jnp(x, t) + cond[:, None, None, :]
+
+  cond = jnp.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]])
+  x = jax.random.normal(jax.random.key(6), (2, 4, 4, 3))
+  t = jnp.array([500, 900])  # inside and above the interval
+  cond_out, uncond_out = model(x, t, cond), model(x, t, jnp.zeros_like(cond))
+  guided = uncond_out + 3.0 * (cond_out - uncond_out)
+  out = samplers.cfg_model_fn(model, cond, 3.0, interval=(100, 800))(x, t)
+  np.testing.assert_allclose(out[0], guided[0], atol=1e-5)
+  np.testing.assert_allclose(out[1], cond_out[1], atol=1e-6)  # s = 1 outside
+  edges = samplers.cfg_model_fn(model, cond, 3.0, interval=(500, 900))(x, t)
+  np.testing.assert_allclose(edges, guided, atol=1e-5)  # both ends are inclusive
+  rescaled = samplers.cfg_model_fn(model, cond, 3.0, interval=(100, 800), rescale=0.7)(x, t)
+  np.testing.assert_allclose(rescaled[0], samplers.rescale_guided(guided, cond_out, 0.7)[0],
+                             atol=1e-5)
+  np.testing.assert_allclose(rescaled[1], cond_out[1], atol=1e-5)  # unguided: untouched
+  assert not np.allclose(rescaled[0], guided[0], atol=1e-3)
+  with pytest.raises(ValueError, match="interval"):
+    samplers.cfg_model_fn(model, cond, 3.0, interval=(800, 100))
