@@ -116,9 +116,19 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # 0: only at the end (the demo: its mid-run sheet would cost 2 of its 30 minutes).
   config.sample.every = 0 if small else 10_000
   config.sample.num_steps = 2 if tiny else 50  # DDIM steps
-  config.sample.eta = 0.0
+  # η = 1 (DDPM-like noise at every step) gives the demo's young model cleaner faces and
+  # better identity than deterministic DDIM: 91.0% top-1 against 87.0% on the same checkpoint.
+  config.sample.eta = 1.0 if small else 0.0
   config.sample.spacing = "trailing"  # leading | trailing | linspace
   config.sample.guidance = 4.0
+  # Guide only at timesteps t_lo ≤ t ≤ t_hi, conditional elsewhere (Kynkäänniemi et al.
+  # 2024); None = every step, as the paper. The demo's (150, 880) is σ ∈ (0.25, 5.3] on the
+  # cosine schedule, about EDM2's interval: on the demo's checkpoint it lifts top-1 at 4.0 from
+  # 70.5% to 88.5% and removes the repeated eye-like texture that guidance at t < 150 paints.
+  config.sample.guidance_interval = (150, 880) if small else config_dict.placeholder(tuple)
+  # φ of Lin et al. 2023 (diffusers' guidance_rescale): pulls the guided prediction's spread
+  # back to the conditional one's, against over-saturation; 0 = off, the paper.
+  config.sample.guidance_rescale = 0.7 if small else 0.0
   # Extra scales, at the end of training only: a sheet and the identity metrics each
   # (`guidance_sweep/*`). A young model such as the demo's draws cleaner, better identified
   # faces below the paper's 4.0, which oversaturates it.
@@ -128,4 +138,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.sample.sheet_landmarks = 2 if tiny else 6  # sample sheet columns (landmark sets)
   config.sample.eval_identities = 4 if tiny else 200  # identity-consistency evaluation
   config.sample.batch_size = 4 if tiny else 50
+  # Landmark following (`landmarks/*`): rows drawn with their landmark set moved by ±shift px
+  # (same noise); the faces' measured displacement / the dots' (1 = follows, 0 = ignores).
+  config.sample.follow_shift = 8.0  # 0 = off
+  config.sample.follow_identities = 2 if tiny else (25 if demo else 100)
   return config

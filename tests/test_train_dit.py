@@ -63,8 +63,10 @@ def test_stage2_trains_samples_and_keeps_stage1_frozen(stage1, tmp_path):
                                          "step_0000004_g4.png"]
   for key in ("identity/top1", "identity/mean_cos_to_row", "train/loss_diffusion",
               "train/loss_identity", "guidance_sweep/top1_g1",
-              "guidance_sweep/mean_cos_to_row_g1"):
+              "guidance_sweep/mean_cos_to_row_g1", "landmarks/follow", "landmarks/follow_x",
+              "landmarks/follow_y", "landmarks/cross_x", "landmarks/cross_y"):
     assert key in summary, sorted(summary)
+    assert np.isfinite(summary[key]), key
   assert summary["identity/chance"] == pytest.approx(1 / 16)
   assert summary["guidance_sweep/top1_g4"] == summary["identity/top1"]
   assert summary["guidance_sweep/mean_cos_to_row_g4"] == summary["identity/mean_cos_to_row"]
@@ -112,6 +114,56 @@ def test_bad_guidance_sweep_names_the_field(tmp_path, sweep):
   config.sample.guidance_sweep = sweep
   with pytest.raises(config_lib.ConfigError, match="sample.guidance_sweep"):
     dit.run(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("interval", [(700, 100), (0, 1000), ("low", "high"), (5,)])
+def test_bad_guidance_interval_names_the_field(tmp_path, interval):
+  config = dit_config.get_config("tiny")
+  config.sample.guidance_interval = interval
+  with pytest.raises(config_lib.ConfigError, match="sample.guidance_interval"):
+    dit.run(config, str(tmp_path))
+
+
+def test_estimate_shift_recovers_translations():
+  rng = np.random.default_rng(0)
+  # Smooth random images (a face-like spectrum), moved by known offsets with edge padding.
+  noise = rng.normal(size=(3, 128, 128, 3)).astype(np.float32)
+  kernel = np.exp(-0.5 * (np.arange(-8, 9) / 3.0) ** 2)
+  smooth = np.apply_along_axis(lambda v: np.convolve(v, kernel, "same"), 1, noise)
+  smooth = np.apply_along_axis(lambda v: np.convolve(v, kernel, "same"), 2, smooth)[:, 8:120, 8:120]
+  offsets = np.array([[5, -3], [-8, 0], [0, 7]])
+  padded = np.pad(smooth, ((0, 0), (8, 8), (8, 8), (0, 0)), mode="edge")
+  moved = np.stack([p[8 - dy:120 - dy, 8 - dx:120 - dx] for p, (dx, dy) in zip(padded, offsets)])
+  np.testing.assert_allclose(dit.estimate_shift(smooth, moved), offsets, atol=0.35)
+  np.testing.assert_allclose(dit.estimate_shift(moved, smooth), -offsets, atol=0.35)
+  np.testing.assert_allclose(dit.estimate_shift(smooth, smooth), 0.0, atol=1e-6)
+
+
+def test_fixed_landmarks_spread_over_poses():
+  from vigface_jax.data import landmarks as landmarks_lib  # pylint: disable=import-outside-toplevel
+  template = np.asarray(landmarks_lib.ARCFACE_TEMPLATE, np.float32)
+  # 40 near-frontal faces, two far poses (nose left / right) and one image without landmarks.
+  rng = np.random.default_rng(0)
+  source = [{"landmarks": template + rng.normal(0, 0.5, template.shape).astype(np.float32),
+             "has_landmarks": True} for _ in range(40)]
+  left, right = template.copy(), template.copy()
+  left[2, 0] -= 15
+  right[2, 0] += 15
+  source += [{"landmarks": left, "has_landmarks": True},
+             {"landmarks": right, "has_landmarks": True},
+             {"landmarks": template + 40, "has_landmarks": False}]
+  points = dit.fixed_landmarks(source, 3, seed=0)
+  assert points.shape == (3, 5, 2)
+  assert np.abs(points[0] - template).max() < 2.5  # the typical pose first
+  extremes = sorted(float(p[2, 0] - template[2, 0]) for p in points[1:])
+  np.testing.assert_allclose(extremes, [-15.0, 15.0])  # then the farthest poses
+  assert not np.any(points > 100)  # the image without landmarks is never used
+  np.testing.assert_array_equal(points, dit.fixed_landmarks(source, 3, seed=0))
+  # More columns than candidates repeat the typical pose; no landmarks at all: the template.
+  np.testing.assert_array_equal(dit.fixed_landmarks(source[40:42], 4, seed=1)[2:], [
+      dit.fixed_landmarks(source[40:42], 4, seed=1)[0]] * 2)
+  np.testing.assert_array_equal(dit.fixed_landmarks(source[42:], 2, seed=0),
+                                np.stack([template] * 2))
 
 
 def test_identity_consistency():

@@ -15,7 +15,8 @@ Writes into the workdir (besides checkpoints, metrics and TensorBoard events):
   `summary.json`          last training metrics and the identity-consistency figures:
                           images generated from real rows, embedded by the stage-1 network,
                           top-1 identification against all real rows and mean cosine to the
-                          conditioning row.
+                          conditioning row; and landmark following (`landmarks/*`): how far
+                          the faces move when their landmark sets are moved.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def make_sampler(setup: state_lib.Setup, cfg: Any, schedule: schedules.Schedule)
   an argument, not a constant, so one compilation serves every scale of a sweep.
   """
   s = cfg.sample
+  interval = guidance_interval(cfg)
 
   @jax.jit
   def sample(params, rest, rows, lmk, rng, guidance):
@@ -149,7 +151,8 @@ def make_sampler(setup: state_lib.Setup, cfg: Any, schedule: schedules.Schedule)
       twice = jnp.concatenate([lmk] * (x_t.shape[0] // lmk.shape[0]), axis=0)
       return model.dit(jnp.concatenate([x_t, twice], axis=-1), t, cond)
 
-    model_fn = samplers.cfg_model_fn(with_cond, rows, guidance)
+    model_fn = samplers.cfg_model_fn(with_cond, rows, guidance, interval=interval,
+                                     rescale=float(s.get("guidance_rescale", 0.0)))
     x0 = samplers.ddim_sample(model_fn, schedule, (rows.shape[0],) + lmk.shape[1:3] + (3,), rng,
                               num_steps=int(s.num_steps), eta=float(s.eta),
                               kind=cfg.diffusion.prediction, spacing=s.spacing, clip_x0=1.0)
@@ -158,19 +161,33 @@ def make_sampler(setup: state_lib.Setup, cfg: Any, schedule: schedules.Schedule)
   return sample
 
 
-def fixed_landmarks(source: Any, count: int, seed: int) -> np.ndarray:
-  """`count` landmark sets from the training data (images that have them), chosen by `seed`."""
+def fixed_landmarks(source: Any, count: int, seed: int, pool: int = 256) -> np.ndarray:
+  """`count` landmark sets from the training data that spread over its poses.
+
+  Up to `pool` examples with landmarks (drawn by `seed`) are candidates. The first set is the
+  candidate nearest the pool's median (a typical, near-frontal pose); each next one is the
+  candidate farthest from those already chosen (farthest-point sampling in the 10 landmark
+  coordinates), so the sheet's columns show the extremes of yaw, pitch and roll the data has
+  and whether the faces follow them. Sources without landmarks give the ArcFace template.
+  """
   rng = np.random.default_rng(seed)
-  out = []
-  for i in rng.permutation(len(source))[:max(64, 4 * count)]:
+  cands = []
+  for i in rng.permutation(len(source))[:max(pool, 4 * count)]:
     element = source[int(i)]
     if bool(element.get("has_landmarks", False)):
-      out.append(np.asarray(element["landmarks"], np.float32))
-    if len(out) == count:
+      cands.append(np.asarray(element["landmarks"], np.float32))
+    if len(cands) == pool:
       break
-  while len(out) < count:  # a source without landmarks: the ArcFace template
-    out.append(np.asarray(landmarks_lib.ARCFACE_TEMPLATE, np.float32))
-  return np.stack(out)
+  if not cands:
+    return np.repeat(np.asarray(landmarks_lib.ARCFACE_TEMPLATE, np.float32)[None], count, 0)
+  flat = np.stack(cands).reshape(len(cands), -1)
+  chosen = [int(np.argmin(np.linalg.norm(flat - np.median(flat, axis=0), axis=1)))]
+  dist = np.linalg.norm(flat - flat[chosen[0]], axis=1)
+  while len(chosen) < min(count, len(cands)):
+    chosen.append(int(np.argmax(dist)))
+    dist = np.minimum(dist, np.linalg.norm(flat - flat[chosen[-1]], axis=1))
+  chosen += [chosen[0]] * (count - len(chosen))  # fewer candidates than columns
+  return np.stack(cands)[chosen]
 
 
 def _sheet(images: np.ndarray, lmk: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -198,18 +215,36 @@ def guidance_sweep(config: Any) -> tuple[float, ...]:
   return scales
 
 
+def guidance_interval(config: Any) -> tuple[int, int] | None:
+  """`sample.guidance_interval` as (t_lo, t_hi) timesteps, or None; ConfigError if invalid."""
+  value = config.sample.get("guidance_interval")
+  if value is None:
+    return None
+  num_t = int(config.diffusion.timesteps)
+  try:
+    lo, hi = (int(v) for v in value)
+  except (TypeError, ValueError):
+    lo = hi = -1
+  if not 0 <= lo <= hi < num_t:
+    raise config_lib.ConfigError(
+        f"sample.guidance_interval must be None or (t_lo, t_hi) with 0 <= t_lo <= t_hi < "
+        f"diffusion.timesteps = {num_t}, got {value!r}")
+  return lo, hi
+
+
 def guidance_key(scale: float) -> str:
   """Metric/file suffix of a guidance scale: 2.0 -> 'g2', 1.5 -> 'g1.5'."""
   return f"g{float(scale):g}"
 
 
 def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np.ndarray):
-  """Sample-sheet and identity-consistency hooks (both from the EMA parameters).
+  """Sample-sheet, identity-consistency and landmark-following hooks (EMA parameters).
 
-  Every `sample.every` steps (and at the end): a sheet `samples/step_<N>.png` and
-  `identity/*` at `sample.guidance`. At the end only, for each scale g of
-  `sample.guidance_sweep`: a sheet `samples/step_<N>_g<g>.png` and `guidance_sweep/top1_g<g>`,
-  `guidance_sweep/mean_cos_to_row_g<g>` on the same rows, landmarks and seeds.
+  Every `sample.every` steps (and at the end): a sheet `samples/step_<N>.png`,
+  `identity/*` and `landmarks/*` (see `following`) at `sample.guidance`. At the end only,
+  for each scale g of `sample.guidance_sweep`: a sheet `samples/step_<N>_g<g>.png` and
+  `guidance_sweep/top1_g<g>`, `guidance_sweep/mean_cos_to_row_g<g>` on the same rows,
+  landmarks and seeds.
   """
   s = config.sample
   sweep = guidance_sweep(config)
@@ -217,6 +252,8 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
   lmk_images = np.asarray(landmarks_lib.render_landmark_image(points))  # uint8 [L, 112, 112, 3]
   lmk_model = np.asarray(to_model_range(jnp.asarray(lmk_images)))
   num_eval = min(int(s.eval_identities), real_rows.shape[0])
+  follow_shift = float(s.get("follow_shift", 0))
+  num_follow = min(int(s.get("follow_identities", 0)), real_rows.shape[0])
   batch = int(s.batch_size)
 
   def factory(setup: state_lib.Setup):
@@ -261,6 +298,31 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
           images[i:i + batch]))) for i in range(0, len(images), batch)])
       return identity_consistency(emb, real_rows, np.arange(num_eval))
 
+    def following(state, guidance: float) -> dict[str, float]:
+      """How far faces move when their landmark sets move by ±`follow_shift` px in x and y.
+
+      Each real row is drawn twice with the same noise, once with its landmark set moved by
+      −shift and once by +shift (x for one half of the batch, y for the other); phase
+      correlation measures the faces' displacement. `follow_*` = measured / requested (1: the
+      face goes where the dots go, 0: it ignores them); `cross_*` = |displacement across|
+      / requested.
+      """
+      base = points[np.arange(num_follow) % len(points)]
+      rows = np.concatenate([real_rows[:num_follow]] * 2)
+      pair = []
+      for sign in (-1.0, 1.0):
+        step = sign * follow_shift
+        moved = np.concatenate([base + [step, 0.0], base + [0.0, step]])
+        lmk = np.asarray(to_model_range(jnp.asarray(landmarks_lib.render_landmark_image(moved))))
+        pair.append(generate(state, rows, lmk, int(s.seed) + 2, guidance))
+      shift = estimate_shift(pair[0], pair[1]) / (2 * follow_shift)  # [2n, (x, y)]
+      x, y = shift[:num_follow], shift[num_follow:]
+      out = {"follow_x": float(np.mean(x[:, 0])), "follow_y": float(np.mean(y[:, 1])),
+             "cross_x": float(np.mean(np.abs(x[:, 1]))),
+             "cross_y": float(np.mean(np.abs(y[:, 0])))}
+      out["follow"] = 0.5 * (out["follow_x"] + out["follow_y"])
+      return out
+
     def sheet_fn(step: int, state) -> dict[str, float]:
       write_sheet(step, state, float(s.guidance))
       return {}
@@ -279,8 +341,14 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
         out[f"mean_cos_to_row_{key}"] = r["mean_cos_to_row"]
       return out
 
+    def landmarks_fn(step: int, state) -> dict[str, float]:
+      del step
+      return following(state, float(s.guidance))
+
     every = int(s.every)
     hooks = [loop.Hook("samples", every, sheet_fn), loop.Hook("identity", every, identity_fn)]
+    if follow_shift > 0 and num_follow > 0:
+      hooks.append(loop.Hook("landmarks", every, landmarks_fn))
     if sweep:
       hooks.append(loop.Hook("guidance_sweep", 0, sweep_fn))
     return hooks
@@ -297,6 +365,33 @@ def identity_consistency(emb: np.ndarray, real_rows: np.ndarray, labels: np.ndar
   return {"top1": float(np.mean(np.argmax(cos, axis=1) == labels)),
           "mean_cos_to_row": float(np.mean(cos[np.arange(len(labels)), labels])),
           "chance": 1.0 / w.shape[0], "num_identities": float(len(labels))}
+
+
+def estimate_shift(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """(dx, dy) by which `b`'s content sits right/down of `a`'s (phase correlation), [n, 2].
+
+  Args:
+    a, b: images [n, H, W, C] (any numeric dtype), compared on their channel mean after
+      removing it and applying a Hann window; sub-pixel by a parabola through the peak.
+  """
+  a = np.asarray(a, np.float64).mean(-1)
+  b = np.asarray(b, np.float64).mean(-1)
+  h, w = a.shape[1:]
+  window = np.outer(np.hanning(h), np.hanning(w))
+  a = (a - a.mean((1, 2), keepdims=True)) * window
+  b = (b - b.mean((1, 2), keepdims=True)) * window
+  cross = np.fft.fft2(b) * np.conj(np.fft.fft2(a))
+  corr = np.fft.ifft2(cross / np.maximum(np.abs(cross), 1e-12)).real  # [n, H, W]
+  out = np.zeros((len(a), 2))
+  for i, c in enumerate(corr):
+    py, px = np.unravel_index(np.argmax(c), c.shape)
+    for axis, (p, size) in enumerate(((px, w), (py, h))):
+      lo = c[py, (px - 1) % w] if axis == 0 else c[(py - 1) % h, px]
+      hi = c[py, (px + 1) % w] if axis == 0 else c[(py + 1) % h, px]
+      denom = lo - 2 * c[py, px] + hi
+      frac = 0.5 * (lo - hi) / denom if denom < 0 else 0.0
+      out[i, axis] = ((p + size // 2) % size - size // 2) + frac
+  return out
 
 
 # ---------------------------------------------------------------------- task
@@ -330,7 +425,8 @@ REQUIRED_FIELDS = ("data.source", "train.num_steps", "model.variant")
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains stage 2 and reports identity consistency of samples from real rows."""
   fr_task.check_data(config)
-  guidance_sweep(config)  # a bad field fails before anything is built
+  guidance_sweep(config)  # bad fields fail before anything is built
+  guidance_interval(config)
   info, real_rows = _stage1(config)
   rules = config.get("sharding_rules", parallel.DEFAULT_RULES)
   mesh = parallel.mesh_from_config(config)
