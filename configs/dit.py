@@ -20,7 +20,7 @@ Variants (`--config=configs/dit.py:<variant>`):
            machine), then the sheet and the evaluations at guidance 4.0 (guided on t ∈ [150,
            880], rescale 0.7, DDIM η = 1), 1.0 and 2.0 (4–6 min). Measured: samples from 200
            real rows identified as their own identity among 800 91.0% top-1 at guidance 4.0,
-           88.5% at 1.0, 91.0% at 2.0; faces follow their landmark dots 0.32 of the way
+           88.5% at 1.0, 91.0% at 2.0; faces follow their landmark dots 0.28 of the way
            horizontally, not vertically; the samples are blurry faces, see README "Stage 2".
   tiny     seconds, for tests.
 """
