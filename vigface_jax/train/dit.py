@@ -385,13 +385,16 @@ def estimate_shift(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   out = np.zeros((len(a), 2))
   for i, c in enumerate(corr):
     py, px = np.unravel_index(np.argmax(c), c.shape)
-    for axis, (p, size) in enumerate(((px, w), (py, h))):
-      lo = c[py, (px - 1) % w] if axis == 0 else c[(py - 1) % h, px]
-      hi = c[py, (px + 1) % w] if axis == 0 else c[(py + 1) % h, px]
-      denom = lo - 2 * c[py, px] + hi
-      frac = 0.5 * (lo - hi) / denom if denom < 0 else 0.0
-      out[i, axis] = ((p + size // 2) % size - size // 2) + frac
+    out[i, 0] = _peak(px, w, c[py, (px - 1) % w], c[py, px], c[py, (px + 1) % w])
+    out[i, 1] = _peak(py, h, c[(py - 1) % h, px], c[py, px], c[(py + 1) % h, px])
   return out
+
+
+def _peak(index: int, size: int, lo: float, mid: float, hi: float) -> float:
+  """Signed circular offset of a correlation peak, refined by a parabola through 3 values."""
+  denom = lo - 2 * mid + hi
+  frac = 0.5 * (lo - hi) / denom if denom < 0 else 0.0
+  return (index + size // 2) % size - size // 2 + frac
 
 
 # ---------------------------------------------------------------------- task
