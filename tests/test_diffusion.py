@@ -354,3 +354,35 @@ def test_cfg_interval_guides_only_inside_and_rescale_applies_there():
   assert not np.allclose(rescaled[0], guided[0], atol=1e-3)
   with pytest.raises(ValueError, match="interval"):
     samplers.cfg_model_fn(model, cond, 3.0, interval=(800, 100))
+
+
+def test_cfg_negative_condition_in_the_same_call():
+  calls = []
+
+  def model(x, t, cond):  # a pytree condition: (row, landmark-like vector)
+    calls.append(x.shape[0])
+    row, lmk = cond
+    return _toy_jnp(x, t) + row[:, None, None, :] + jnp.sin(lmk)[:, None, None, :]
+
+  b = 2
+  row = jnp.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]])
+  lmk = jnp.array([[0.3, -0.2, 1.0], [0.0, 0.7, -0.4]])
+  typical = jnp.zeros_like(lmk)
+  x = jax.random.normal(jax.random.key(7), (b, 4, 4, 3))
+  t = jnp.array([500, 900])
+  cond, null, neg = (row, lmk), (jnp.zeros_like(row), lmk), (row, typical)
+  c, u, n = model(x, t, cond), model(x, t, null), model(x, t, neg)
+  calls.clear()
+  fn = samplers.cfg_model_fn(model, cond, 3.0, null, negative=neg, negative_scale=2.0)
+  np.testing.assert_allclose(fn(x, t), u + 3.0 * (c - u) + 2.0 * (c - n), atol=1e-5)
+  assert calls == [3 * b]  # one batched call for all three
+  # Outside the interval: the conditional prediction alone; rescale sees the whole sum.
+  out = samplers.cfg_model_fn(model, cond, 3.0, null, interval=(100, 800), rescale=0.7,
+                              negative=neg, negative_scale=2.0)(x, t)
+  want = samplers.rescale_guided(u + 3.0 * (c - u) + 2.0 * (c - n), c, 0.7)
+  np.testing.assert_allclose(out[0], want[0], atol=1e-5)
+  np.testing.assert_allclose(out[1], c[1], atol=1e-5)
+  # Scale 0 is plain guidance.
+  np.testing.assert_allclose(
+      samplers.cfg_model_fn(model, cond, 3.0, null, negative=neg, negative_scale=0.0)(x, t),
+      u + 3.0 * (c - u), atol=1e-5)

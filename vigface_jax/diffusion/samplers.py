@@ -246,44 +246,57 @@ def cfg_model_fn(
     *,
     interval: tuple[int, int] | None = None,
     rescale: float | jax.Array = 0.0,
+    negative: Any = None,
+    negative_scale: float | jax.Array = 0.0,
 ) -> ModelFn:
-  """A classifier-free-guided denoiser: uncond + s·(cond − uncond).
+  """A classifier-free-guided denoiser: uncond + s·(cond − uncond) [+ s_n·(cond − negative)].
 
   Conditional and unconditional halves run in ONE call of `model_fn_with_cond` on a doubled
-  batch [x; x], [t; t], [cond; null]. s = 1 gives the conditional model, s = 0 the
-  unconditional one. Guidance acts linearly on the prediction, so it applies to any `kind`.
+  batch [x; x], [t; t], [cond; null] (tripled, with [negative], when `negative` is given).
+  s = 1 gives the conditional model, s = 0 the unconditional one. Guidance acts linearly on
+  the prediction, so it applies to any `kind`.
 
   Args:
-    model_fn_with_cond: (x_t [2b, ...], t [2b], cond pytree with leading dim 2b) -> pred.
+    model_fn_with_cond: (x_t [kb, ...], t [kb], cond pytree with leading dim kb) -> pred.
     cond: condition pytree, each leaf with leading dim b.
     guidance_scale: s (Python float or scalar array).
     null_cond: the unconditional condition (default: zeros like `cond`, the training dropout).
     interval: (t_lo, t_hi): guide only at timesteps t_lo ≤ t ≤ t_hi and use the conditional
-      prediction (s = 1) elsewhere (Kynkäänniemi et al. 2024, "Applying guidance in a
-      limited interval": guidance at high noise collapses samples onto a few over-saturated
+      prediction (s = 1, s_n = 0) elsewhere (Kynkäänniemi et al. 2024, "Applying guidance in
+      a limited interval": guidance at high noise collapses samples onto a few over-saturated
       modes, at low noise it does little). None: every timestep.
     rescale: φ of `rescale_guided`, applied where guidance is (0 = off).
+    negative: a second reference condition (same structure as `cond`), for guidance away from
+      it with scale `negative_scale`, on top of the classifier-free guidance: the "negative
+      prompt" of text-to-image samplers with its own scale. For VIGFace, the same row with the
+      data's typical landmark image, which extrapolates what the requested pose changes.
+    negative_scale: s_n (0 with `negative` given still runs the third batch).
 
   Returns:
     `model_fn(x_t, t)` for the samplers.
   """
   if null_cond is None:
     null_cond = jax.tree_util.tree_map(jnp.zeros_like, cond)
-  both = jax.tree_util.tree_map(lambda c, n: jnp.concatenate([c, n], 0), cond, null_cond)
+  parts = [cond, null_cond] + ([] if negative is None else [negative])
+  batched = jax.tree_util.tree_map(lambda *c: jnp.concatenate(c, 0), *parts)
+  k = len(parts)
   if interval is not None and not (len(interval) == 2 and interval[0] <= interval[1]):
     raise ValueError(f"interval must be (t_lo, t_hi) with t_lo <= t_hi, got {interval!r}")
 
   def guided(x_t: jax.Array, t: jax.Array) -> jax.Array:
     b = x_t.shape[0]
-    out = model_fn_with_cond(
-        jnp.concatenate([x_t, x_t], 0), jnp.concatenate([t, t], 0), both
-    )
-    cond_out, uncond_out = out[:b], out[b:]
+    out = model_fn_with_cond(jnp.concatenate([x_t] * k, 0), jnp.concatenate([t] * k, 0),
+                             batched)
+    cond_out, uncond_out = out[:b], out[b:2 * b]
     scale = jnp.asarray(guidance_scale, jnp.float32)
+    neg_scale = jnp.asarray(negative_scale, jnp.float32)
     if interval is not None:
-      inside = (t >= interval[0]) & (t <= interval[1])
-      scale = jnp.where(inside, scale, 1.0).reshape((b,) + (1,) * (x_t.ndim - 1))
+      inside = ((t >= interval[0]) & (t <= interval[1])).reshape((b,) + (1,) * (x_t.ndim - 1))
+      scale = jnp.where(inside, scale, 1.0)
+      neg_scale = jnp.where(inside, neg_scale, 0.0)
     result = uncond_out + scale * (cond_out - uncond_out)
+    if negative is not None:
+      result = result + neg_scale * (cond_out - out[2 * b:])
     if isinstance(rescale, (int, float)) and rescale == 0:
       return result
     return rescale_guided(result, cond_out, rescale)
