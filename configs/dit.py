@@ -131,6 +131,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # φ of Lin et al. 2023 (diffusers' guidance_rescale): pulls the guided prediction's spread
   # back to the conditional one's, against over-saturation; 0 = off, the paper.
   config.sample.guidance_rescale = 0.7 if small else 0.0
+  # s_p ≥ 0 (0 = off, the paper): on the guided steps, also push each prediction away from
+  # the same row drawn with the data's typical landmark image (the sheet's first column), by
+  # s_p · (conditional − typical-pose). A negative condition with its own scale; it costs a
+  # third batch per step.
+  config.sample.pose_guidance = 0.0
   # Extra scales, at the end of training only: a sheet and the identity metrics each
   # (`guidance_sweep/*`). A young model such as the demo's draws cleaner, better identified
   # faces below the paper's 4.0, which oversaturates it.

@@ -16,7 +16,8 @@ Writes into the workdir (besides checkpoints, metrics and TensorBoard events):
                           images generated from real rows, embedded by the stage-1 network,
                           top-1 identification against all real rows and mean cosine to the
                           conditioning row; and landmark following (`landmarks/*`): how far
-                          the faces move when their landmark sets are moved.
+                          the faces move when their landmark sets are moved, and whether
+                          they turn the way the landmark sets of turned faces say.
 """
 
 from __future__ import annotations
@@ -133,32 +134,57 @@ def dit_loss(model: Stage2, batch: dict[str, jax.Array], rng: jax.Array, *, cfg:
 # ------------------------------------------------------------------ sampling
 
 
-def make_sampler(setup: state_lib.Setup, cfg: Any, schedule: schedules.Schedule):
+def make_sampler(setup: state_lib.Setup, cfg: Any, schedule: schedules.Schedule,
+                 typical: np.ndarray | None = None):
   """Jitted `sample(params, rest, rows, landmark_images, rng, guidance)` -> uint8 images.
 
   DDIM (`sample.num_steps`, `sample.eta`, `sample.spacing`) with classifier-free guidance
   `guidance` (conditional and unconditional halves in one batched DiT call). The scale is
-  an argument, not a constant, so one compilation serves every scale of a sweep.
+  an argument, not a constant, so one compilation serves every scale of a sweep. With
+  `sample.pose_guidance` > 0 and `typical` (a landmark image `[H, W, 3]` in [-1, 1] of the
+  data's typical pose), a third batch evaluates the row with the typical landmark image and
+  the guided prediction moves `pose_guidance` · (conditional − that) further from it.
   """
   s = cfg.sample
   interval = guidance_interval(cfg)
+  pose_scale = pose_guidance(cfg) if typical is not None else 0.0
 
   @jax.jit
   def sample(params, rest, rows, lmk, rng, guidance):
     model = nnx.merge(setup.graphdef, params, rest)
 
     def with_cond(x_t, t, cond):
-      twice = jnp.concatenate([lmk] * (x_t.shape[0] // lmk.shape[0]), axis=0)
-      return model.dit(jnp.concatenate([x_t, twice], axis=-1), t, cond)
+      r, l = cond
+      return model.dit(jnp.concatenate([x_t, l], axis=-1), t, r)
 
-    model_fn = samplers.cfg_model_fn(with_cond, rows, guidance, interval=interval,
-                                     rescale=float(s.get("guidance_rescale", 0.0)))
+    negative = None
+    if pose_scale > 0:
+      negative = (rows, jnp.broadcast_to(jnp.asarray(typical, lmk.dtype), lmk.shape))
+    model_fn = samplers.cfg_model_fn(with_cond, (rows, lmk), guidance,
+                                     (jnp.zeros_like(rows), lmk), interval=interval,
+                                     rescale=float(s.get("guidance_rescale", 0.0)),
+                                     negative=negative, negative_scale=pose_scale)
     x0 = samplers.ddim_sample(model_fn, schedule, (rows.shape[0],) + lmk.shape[1:3] + (3,), rng,
                               num_steps=int(s.num_steps), eta=float(s.eta),
                               kind=cfg.diffusion.prediction, spacing=s.spacing, clip_x0=1.0)
     return jnp.clip(jnp.round((x0 + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
   return sample
+
+
+def _with_landmarks(source: Any, limit: int, seed: int, *, scan: int | None = None
+                    ) -> list[dict[str, Any]]:
+  """Up to `limit` examples that have landmarks, among the first `scan` (default `4 · limit`)
+  of a seeded shuffle: a dataset without landmarks is not read to its end."""
+  rng = np.random.default_rng(seed)
+  found = []
+  for i in rng.permutation(len(source))[:4 * limit if scan is None else scan]:
+    element = source[int(i)]
+    if bool(element.get("has_landmarks", False)):
+      found.append(element)
+    if len(found) == limit:
+      break
+  return found
 
 
 def fixed_landmarks(source: Any, count: int, seed: int, pool: int = 256) -> np.ndarray:
@@ -170,14 +196,8 @@ def fixed_landmarks(source: Any, count: int, seed: int, pool: int = 256) -> np.n
   coordinates), so the sheet's columns show the extremes of yaw, pitch and roll the data has
   and whether the faces follow them. Sources without landmarks give the ArcFace template.
   """
-  rng = np.random.default_rng(seed)
-  cands = []
-  for i in rng.permutation(len(source))[:max(pool, 4 * count)]:
-    element = source[int(i)]
-    if bool(element.get("has_landmarks", False)):
-      cands.append(np.asarray(element["landmarks"], np.float32))
-    if len(cands) == pool:
-      break
+  cands = [np.asarray(e["landmarks"], np.float32)
+           for e in _with_landmarks(source, pool, seed, scan=max(pool, 4 * count))]
   if not cands:
     return np.repeat(np.asarray(landmarks_lib.ARCFACE_TEMPLATE, np.float32)[None], count, 0)
   flat = np.stack(cands).reshape(len(cands), -1)
@@ -188,6 +208,64 @@ def fixed_landmarks(source: Any, count: int, seed: int, pool: int = 256) -> np.n
     dist = np.minimum(dist, np.linalg.norm(flat - flat[chosen[-1]], axis=1))
   chosen += [chosen[0]] * (count - len(chosen))  # fewer candidates than columns
   return np.stack(cands)[chosen]
+
+
+POSE_POOL = 1536  # real faces of the pose probe (about 13 s to render procedural ones)
+
+
+def yaw_proxy(points: np.ndarray) -> np.ndarray:
+  """`[n, 5, 2]` landmarks -> `[n]` (nose x − eyes' midpoint x) / eye distance.
+
+  0 for a frontal face; its sign says which way the head is turned, and a horizontal flip
+  (which also swaps left and right points) negates it.
+  """
+  p = np.asarray(points, np.float64)
+  mid = 0.5 * (p[:, 0, 0] + p[:, 1, 0])
+  return (p[:, 2, 0] - mid) / np.maximum(np.abs(p[:, 1, 0] - p[:, 0, 0]), 1e-6)
+
+
+class PoseProbe:
+  """A linear read-out of `yaw_proxy` from a face image, fitted on real training faces.
+
+  Features: the left-right antisymmetric part `g − flip(g)` of the image averaged over 4×4
+  pixel blocks (colour kept; the left half, the right being its negative). Ridge regression
+  without intercept, so a face and its mirror image get opposite predictions, and whatever is
+  left-right symmetric (most of an identity's look) cannot move the prediction. Fitted first
+  on `1 − holdout` of the faces to report `r2` on the rest (how well pose can be read at
+  all), then on all of them.
+  """
+
+  BLOCK = 4
+
+  def __init__(self, images: np.ndarray, points: np.ndarray, *, ridge: float = 30.0,
+               holdout: float = 0.2):
+    x, y = self.features(images), yaw_proxy(points)
+    n_fit = len(y) - max(1, int(round(holdout * len(y))))
+    if n_fit < 2:
+      raise ValueError(f"PoseProbe needs at least 3 faces with landmarks, got {len(y)}")
+    self.ridge = float(ridge)
+    w = self._solve(x[:n_fit], y[:n_fit])
+    rest = y[n_fit:]
+    resid = np.mean((x[n_fit:] @ w - rest) ** 2)
+    self.r2 = float(1.0 - resid / max(np.mean((rest - rest.mean()) ** 2), 1e-12))
+    self.weights = self._solve(x, y)
+
+  def _solve(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.linalg.solve(x.T @ x + self.ridge * np.eye(x.shape[1]), x.T @ y)
+
+  @classmethod
+  def features(cls, images: np.ndarray) -> np.ndarray:
+    """uint8 `[n, H, W, 3]` -> float64 `[n, (H/4) · (W/8) · 3]`."""
+    g = np.asarray(images, np.float64) / 127.5
+    n, h, w, c = g.shape
+    k = cls.BLOCK
+    g = g.reshape(n, h // k, k, w // k, k, c).mean((2, 4))
+    anti = g - g[:, :, ::-1]
+    return anti[:, :, :(w // k) // 2].reshape(n, -1)
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    """Predicted `yaw_proxy` of uint8 faces `[n, H, W, 3]`."""
+    return self.features(images) @ self.weights
 
 
 def _sheet(images: np.ndarray, lmk: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -232,13 +310,30 @@ def guidance_interval(config: Any) -> tuple[int, int] | None:
   return lo, hi
 
 
+def pose_guidance(config: Any) -> float:
+  """`sample.pose_guidance` as a float ≥ 0; ConfigError naming the field otherwise."""
+  value = config.sample.get("pose_guidance", 0.0)
+  try:
+    scale = float(value)
+  except (TypeError, ValueError):
+    scale = -1.0
+  if not (np.isfinite(scale) and scale >= 0):
+    raise config_lib.ConfigError(
+        f"sample.pose_guidance must be a finite number >= 0 (0 = off), got {value!r}")
+  return scale
+
+
 def guidance_key(scale: float) -> str:
   """Metric/file suffix of a guidance scale: 2.0 -> 'g2', 1.5 -> 'g1.5'."""
   return f"g{float(scale):g}"
 
 
-def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np.ndarray):
+def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np.ndarray,
+               source: Any = None):
   """Sample-sheet, identity-consistency and landmark-following hooks (EMA parameters).
+
+  `source` (the training data) supplies the real faces of the pose probe (`following`); None
+  leaves the `landmarks/pose_*` figures out.
 
   Every `sample.every` steps (and at the end): a sheet `samples/step_<N>.png`,
   `identity/*` and `landmarks/*` (see `following`) at `sample.guidance`. At the end only,
@@ -255,9 +350,24 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
   follow_shift = float(s.get("follow_shift", 0))
   num_follow = min(int(s.get("follow_identities", 0)), real_rows.shape[0])
   batch = int(s.batch_size)
+  pose: dict[str, Any] = {}  # the probe and its faces, built at the first evaluation
+
+  def pose_setup() -> dict[str, Any] | None:
+    if not pose and source is not None:
+      found = _with_landmarks(source, POSE_POOL, int(s.seed) + 1)
+      if len(found) >= 10:
+        images = np.stack([e["image"] for e in found])
+        pts = np.stack([np.asarray(e["landmarks"], np.float32) for e in found])
+        probe = PoseProbe(images, pts)
+        order = np.argsort(yaw_proxy(pts))
+        tail = max(1, len(order) // 10)
+        lo, hi = order[:tail], order[-tail:]  # the most turned faces, each way
+        gap = float(np.mean(probe(images[hi])) - np.mean(probe(images[lo])))
+        pose.update(probe=probe, lo=pts[lo], hi=pts[hi], real_gap=gap)
+    return pose or None
 
   def factory(setup: state_lib.Setup):
-    sample = make_sampler(setup, config, schedule)
+    sample = make_sampler(setup, config, schedule, typical=lmk_model[0])
     writer = metrics_lib.MetricWriter(workdir) if parallel.is_main_process() else None
 
     @jax.jit
@@ -305,8 +415,15 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
       −shift and once by +shift (x for one half of the batch, y for the other); phase
       correlation measures the faces' displacement. `follow_*` = measured / requested (1: the
       face goes where the dots go, 0: it ignores them); `cross_*` = |displacement across|
-      / requested.
+      / requested. Aligned training faces barely move as a whole, so this asks the DiT to
+      extrapolate; `pose_*` (`pose_following`) asks for poses the data has.
       """
+      out = {}
+      p = pose_setup()
+      if p is not None:
+        out.update(pose_following(state, guidance, p))
+      if follow_shift <= 0:
+        return out
       base = points[np.arange(num_follow) % len(points)]
       rows = np.concatenate([real_rows[:num_follow]] * 2)
       pair = []
@@ -317,11 +434,33 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
         pair.append(generate(state, rows, lmk, int(s.seed) + 2, guidance))
       shift = estimate_shift(pair[0], pair[1]) / (2 * follow_shift)  # [2n, (x, y)]
       x, y = shift[:num_follow], shift[num_follow:]
-      out = {"follow_x": float(np.mean(x[:, 0])), "follow_y": float(np.mean(y[:, 1])),
-             "cross_x": float(np.mean(np.abs(x[:, 1]))),
-             "cross_y": float(np.mean(np.abs(y[:, 0])))}
+      out.update(follow_x=float(np.mean(x[:, 0])), follow_y=float(np.mean(y[:, 1])),
+                 cross_x=float(np.mean(np.abs(x[:, 1]))), cross_y=float(np.mean(np.abs(y[:, 0]))))
       out["follow"] = 0.5 * (out["follow_x"] + out["follow_y"])
       return out
+
+    def pose_following(state, guidance: float, p: dict[str, Any]) -> dict[str, float]:
+      """Whether faces turn the way their landmark sets do (`following`'s pose half).
+
+      Each real row is drawn twice with the same noise: with the landmark set of a training
+      face among the 10% most turned one way (`yaw_proxy`), and with one among the 10% most
+      turned the other way. `PoseProbe` reads the turn of both samples. `pose_agree`: the
+      fraction of pairs whose samples are turned in the landmark sets' order (0.5 = chance);
+      `pose_follow`: the samples' mean difference in read turn / that of the real faces the
+      landmark sets came from (1 = turn like real faces, 0 = ignore the pose);
+      `pose_probe_r2`: the probe's R² on held-out real faces (how well turn can be read).
+      """
+      i = np.arange(num_follow)
+      lo, hi = p["lo"][i % len(p["lo"])], p["hi"][i % len(p["hi"])]
+      lmk = np.asarray(to_model_range(jnp.asarray(landmarks_lib.render_landmark_image(
+          np.concatenate([lo, hi])))))
+      rows = np.concatenate([real_rows[:num_follow]] * 2)
+      read = p["probe"](generate(state, rows, lmk, int(s.seed) + 3, guidance))
+      diff = read[num_follow:] - read[:num_follow]
+      return {"pose_agree": float(np.mean(diff > 0)),
+              "pose_follow": float(np.mean(diff) / p["real_gap"]) if p["real_gap"] > 0
+                             else float("nan"),
+              "pose_probe_r2": p["probe"].r2}
 
     def sheet_fn(step: int, state) -> dict[str, float]:
       write_sheet(step, state, float(s.guidance))
@@ -347,7 +486,7 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
 
     every = int(s.every)
     hooks = [loop.Hook("samples", every, sheet_fn), loop.Hook("identity", every, identity_fn)]
-    if follow_shift > 0 and num_follow > 0:
+    if num_follow > 0 and (follow_shift > 0 or source is not None):
       hooks.append(loop.Hook("landmarks", every, landmarks_fn))
     if sweep:
       hooks.append(loop.Hook("guidance_sweep", 0, sweep_fn))
@@ -430,6 +569,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   fr_task.check_data(config)
   guidance_sweep(config)  # bad fields fail before anything is built
   guidance_interval(config)
+  pose_guidance(config)
   info, real_rows = _stage1(config)
   rules = config.get("sharding_rules", parallel.DEFAULT_RULES)
   mesh = parallel.mesh_from_config(config)
@@ -463,7 +603,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with data, metrics_lib.MetricWriter(workdir) as writer:
     result = loop.fit(config, workdir, mesh=mesh, create_model=create, loss_fn=loss_fn,
                       data=data, images_per_step=int(config.data.global_batch_size),
-                      make_hooks=make_hooks(config, workdir, schedule, real_rows, points),
+                      make_hooks=make_hooks(config, workdir, schedule, real_rows, points,
+                                            data.source),
                       writer=writer, trainable=TRAINABLE,
                       initialize=initialize)
   summary.update(result.metrics)
