@@ -18,10 +18,12 @@ Variants (`--config=configs/dit.py:<variant>`):
            scanned over depth and cross-faded 4-pixel output margins, x0-prediction, 2,400
            steps of 32 for a 2-core CPU (26–36 min to the last step, depending on the
            machine), then the sheet and the evaluations at guidance 4.0 (guided on t ∈ [150,
-           880], rescale 0.7, DDIM η = 1), 1.0 and 2.0 (4–6 min). Measured: samples from 200
+           880], rescale 0.7, DDIM η = 1), 1.0 and 2.0 (5–7 min). Measured: samples from 200
            real rows identified as their own identity among 800 91.0% top-1 at guidance 4.0,
-           88.5% at 1.0, 91.0% at 2.0; faces follow their landmark dots 0.28 of the way
-           horizontally, not vertically; the samples are blurry faces, see README "Stage 2".
+           88.5% at 1.0, 91.0% at 2.0; drawn with left- and right-turned landmark sets, the
+           faces turn the right way in 68% of pairs and 0.10 as much as real faces; moved
+           dots move them 0.28 of the way horizontally, not vertically; the samples are
+           blurry faces, see README "Stage 2".
   tiny     seconds, for tests.
 """
 
