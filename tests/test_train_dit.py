@@ -194,6 +194,16 @@ def test_pose_probe_reads_the_turn_of_procedural_faces():
   read_turn = probe(img[:, 1]) - probe(img[:, 0])
   assert np.all(np.abs(landmark_turn) > 0.3)
   assert np.mean(np.sign(read_turn) == np.sign(landmark_turn)) >= 0.9  # 1.0 measured
+  # The hook's figures: faces that turn like the real ones score 1, faces that ignore the
+  # landmark sets 0 (and no pair in order).
+  gap = float(np.mean(probe(img[:, 1])) - np.mean(probe(img[:, 0])))
+  real = dit.pose_scores(probe, img[:, 0], img[:, 1], gap)
+  assert real["pose_follow"] == pytest.approx(1.0) and real["pose_agree"] >= 0.9
+  assert real["pose_probe_r2"] == probe.r2
+  still = dit.pose_scores(probe, img[:, 0], img[:, 0], gap)
+  assert still["pose_follow"] == 0.0 and still["pose_agree"] == 0.0
+  assert dit.pose_scores(probe, img[:, 1], img[:, 0], gap)["pose_follow"] == pytest.approx(-1.0)
+  assert np.isnan(dit.pose_scores(probe, img[:, 0], img[:, 1], 0.0)["pose_follow"])
 
 
 def test_yaw_proxy_is_zero_for_the_template_and_flips_sign():

@@ -268,6 +268,22 @@ class PoseProbe:
     return self.features(images) @ self.weights
 
 
+def pose_scores(probe: PoseProbe, left: np.ndarray, right: np.ndarray, real_gap: float
+                ) -> dict[str, float]:
+  """`landmarks/pose_*` of faces drawn in pairs with left- and right-turned landmark sets.
+
+  `left[i]` and `right[i]` are one row drawn with the same noise under the two landmark sets;
+  `real_gap` is the probe's mean read turn of the real right-turned faces minus that of the
+  left-turned ones. `pose_agree`: pairs read in the right order (0.5 = chance);
+  `pose_follow`: the pairs' mean read difference / `real_gap` (1 = turn like the real faces,
+  0 = ignore the pose); `pose_probe_r2`: the probe's held-out R² on real faces.
+  """
+  diff = probe(right) - probe(left)
+  return {"pose_agree": float(np.mean(diff > 0)),
+          "pose_follow": float(np.mean(diff) / real_gap) if real_gap > 0 else float("nan"),
+          "pose_probe_r2": probe.r2}
+
+
 def _sheet(images: np.ndarray, lmk: np.ndarray, rows: int, cols: int) -> np.ndarray:
   size = images.shape[1]
   sheet = np.zeros(((rows + 1) * size, cols * size, 3), np.uint8)
@@ -444,23 +460,16 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
 
       Each real row is drawn twice with the same noise: with the landmark set of a training
       face among the 10% most turned one way (`yaw_proxy`), and with one among the 10% most
-      turned the other way. `PoseProbe` reads the turn of both samples. `pose_agree`: the
-      fraction of pairs whose samples are turned in the landmark sets' order (0.5 = chance);
-      `pose_follow`: the samples' mean difference in read turn / that of the real faces the
-      landmark sets came from (1 = turn like real faces, 0 = ignore the pose);
-      `pose_probe_r2`: the probe's R² on held-out real faces (how well turn can be read).
+      turned the other way; `pose_scores` compares the probe's reading of both samples with
+      its reading of the real faces the landmark sets came from.
       """
       i = np.arange(num_follow)
       lo, hi = p["lo"][i % len(p["lo"])], p["hi"][i % len(p["hi"])]
       lmk = np.asarray(to_model_range(jnp.asarray(landmarks_lib.render_landmark_image(
           np.concatenate([lo, hi])))))
       rows = np.concatenate([real_rows[:num_follow]] * 2)
-      read = p["probe"](generate(state, rows, lmk, int(s.seed) + 3, guidance))
-      diff = read[num_follow:] - read[:num_follow]
-      return {"pose_agree": float(np.mean(diff > 0)),
-              "pose_follow": float(np.mean(diff) / p["real_gap"]) if p["real_gap"] > 0
-                             else float("nan"),
-              "pose_probe_r2": p["probe"].r2}
+      images = generate(state, rows, lmk, int(s.seed) + 3, guidance)
+      return pose_scores(p["probe"], images[:num_follow], images[num_follow:], p["real_gap"])
 
     def sheet_fn(step: int, state) -> dict[str, float]:
       write_sheet(step, state, float(s.guidance))
