@@ -96,6 +96,12 @@ def landmark_input(points: jax.Array, has: jax.Array) -> jax.Array:
   return jnp.where(has[:, None, None, None], image, -1.0)
 
 
+def _model_landmarks(points: np.ndarray) -> np.ndarray:
+  """Landmark sets `[n, 5, 2]` -> their landmark images in the DiT's input range, numpy."""
+  points = jnp.asarray(points, jnp.float32)
+  return np.asarray(landmark_input(points, jnp.ones(points.shape[0], bool)))
+
+
 def dit_loss(model: Stage2, batch: dict[str, jax.Array], rng: jax.Array, *, cfg: Any,
              schedule: schedules.Schedule) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Diffusion loss (+ identity loss) of one batch; see the module docstring."""
@@ -361,26 +367,29 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
   sweep = guidance_sweep(config)
   n_ids, n_lmk = int(s.sheet_identities), int(s.sheet_landmarks)
   lmk_images = np.asarray(landmarks_lib.render_landmark_image(points))  # uint8 [L, 112, 112, 3]
-  lmk_model = np.asarray(to_model_range(jnp.asarray(lmk_images)))
+  lmk_model = _model_landmarks(points)
   num_eval = min(int(s.eval_identities), real_rows.shape[0])
   follow_shift = float(s.get("follow_shift", 0))
   num_follow = min(int(s.get("follow_identities", 0)), real_rows.shape[0])
+  pair_rows = np.concatenate([real_rows[:num_follow]] * 2)  # each row drawn twice
   batch = int(s.batch_size)
-  pose: dict[str, Any] = {}  # the probe and its faces, built at the first evaluation
 
+  @functools.cache
   def pose_setup() -> dict[str, Any] | None:
-    if not pose and source is not None:
-      found = _with_landmarks(source, POSE_POOL, int(s.seed) + 1)
-      if len(found) >= 10:
-        images = np.stack([e["image"] for e in found])
-        pts = np.stack([np.asarray(e["landmarks"], np.float32) for e in found])
-        probe = PoseProbe(images, pts)
-        order = np.argsort(yaw_proxy(pts))
-        tail = max(1, len(order) // 10)
-        lo, hi = order[:tail], order[-tail:]  # the most turned faces, each way
-        gap = float(np.mean(probe(images[hi])) - np.mean(probe(images[lo])))
-        pose.update(probe=probe, lo=pts[lo], hi=pts[hi], real_gap=gap)
-    return pose or None
+    """The probe and the most turned landmark sets, built at the first evaluation."""
+    if source is None:
+      return None
+    found = _with_landmarks(source, POSE_POOL, int(s.seed) + 1)
+    if len(found) < 10:
+      return None
+    images = np.stack([e["image"] for e in found])
+    pts = np.stack([np.asarray(e["landmarks"], np.float32) for e in found])
+    probe = PoseProbe(images, pts)
+    order = np.argsort(yaw_proxy(pts))
+    tail = max(1, len(order) // 10)
+    lo, hi = order[:tail], order[-tail:]  # the most turned faces, each way
+    gap = float(np.mean(probe(images[hi])) - np.mean(probe(images[lo])))
+    return {"probe": probe, "lo": pts[lo], "hi": pts[hi], "real_gap": gap}
 
   def factory(setup: state_lib.Setup):
     sample = make_sampler(setup, config, schedule, typical=lmk_model[0])
@@ -441,13 +450,11 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
       if follow_shift <= 0:
         return out
       base = points[np.arange(num_follow) % len(points)]
-      rows = np.concatenate([real_rows[:num_follow]] * 2)
       pair = []
       for sign in (-1.0, 1.0):
         step = sign * follow_shift
-        moved = np.concatenate([base + [step, 0.0], base + [0.0, step]])
-        lmk = np.asarray(to_model_range(jnp.asarray(landmarks_lib.render_landmark_image(moved))))
-        pair.append(generate(state, rows, lmk, int(s.seed) + 2, guidance))
+        lmk = _model_landmarks(np.concatenate([base + [step, 0.0], base + [0.0, step]]))
+        pair.append(generate(state, pair_rows, lmk, int(s.seed) + 2, guidance))
       shift = estimate_shift(pair[0], pair[1]) / (2 * follow_shift)  # [2n, (x, y)]
       x, y = shift[:num_follow], shift[num_follow:]
       out.update(follow_x=float(np.mean(x[:, 0])), follow_y=float(np.mean(y[:, 1])),
@@ -465,10 +472,8 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
       """
       i = np.arange(num_follow)
       lo, hi = p["lo"][i % len(p["lo"])], p["hi"][i % len(p["hi"])]
-      lmk = np.asarray(to_model_range(jnp.asarray(landmarks_lib.render_landmark_image(
-          np.concatenate([lo, hi])))))
-      rows = np.concatenate([real_rows[:num_follow]] * 2)
-      images = generate(state, rows, lmk, int(s.seed) + 3, guidance)
+      lmk = _model_landmarks(np.concatenate([lo, hi]))
+      images = generate(state, pair_rows, lmk, int(s.seed) + 3, guidance)
       return pose_scores(p["probe"], images[:num_follow], images[num_follow:], p["real_gap"])
 
     def sheet_fn(step: int, state) -> dict[str, float]:
