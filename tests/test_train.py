@@ -87,8 +87,8 @@ def _toy_loss(model, batch, rng):
 def _toy_config(num_steps, **train):
   return config_dict.ConfigDict({
       "optim": dict(_optim(lr=0.05)),
-      "train": dict(num_steps=num_steps, seed=3, log_every=1, checkpoint_every=1,
-                    keep_checkpoints=5, async_checkpoint=False, **train),
+      "train": {**dict(num_steps=num_steps, seed=3, log_every=1, checkpoint_every=1,
+                       keep_checkpoints=5, async_checkpoint=False), **train},
   })
 
 
@@ -134,6 +134,32 @@ def test_ema_and_metrics(tmp_path):
   assert int(result.state.step) == 2
   traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
   assert any(f.endswith(".xplane.pb") for f in traces), traces  # jax.profiler trace written
+
+
+def test_failing_end_hook_keeps_the_last_checkpoint_and_a_rerun_evaluates_it(tmp_path):
+  calls = []
+
+  def failing(step, state):
+    calls.append(("fail", step))
+    raise RuntimeError("evaluation broke")
+
+  def working(step, state):
+    calls.append(("ok", step, int(state.step)))
+    return {"value": float(step)}
+
+  def fit(hook, num_steps=3):
+    return loop.fit(_toy_config(num_steps, checkpoint_every=0), str(tmp_path), mesh=_mesh(),
+                    create_model=_Toy, loss_fn=_toy_loss, data=_toy_batches([1] * num_steps),
+                    images_per_step=4, hooks=[loop.Hook("eval", 0, hook)])
+
+  with pytest.raises(RuntimeError, match="evaluation broke"):
+    fit(failing)
+  # The training reached its last step and was saved before the end-of-training hook ran.
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [3]
+  # Run again: nothing left to train, the end-of-training hooks run on the final state.
+  result = fit(working)
+  assert calls == [("fail", 3), ("ok", 3, 3)]
+  assert result.metrics["eval/value"] == 3.0 and int(result.state.step) == 3
 
 
 # ------------------------------------------------------------------- stage 1

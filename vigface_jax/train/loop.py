@@ -174,17 +174,17 @@ def fit(
       if ckpt_every and step % ckpt_every == 0 and step != num_steps:
         _check_finite(*pending, ckpt)  # never save a step that did not update
         ckpt.save(step, state, checkpoint_data)
-      for hook in hooks:
-        if (hook.every and step % hook.every == 0) or step == num_steps:
-          t0 = time.perf_counter()
-          out = hook.fn(step, state)
-          out = {f"{hook.name}/{k}": v for k, v in out.items()}
-          writer.write_scalars(step, out)
-          hook_last.update(out)
-          tick += time.perf_counter() - t0  # evaluation time is not training time
-    if num_steps > start:
-      _check_finite(*pending, ckpt)
-      ckpt.save(num_steps, state, checkpoint_data, force=True)
+      if step == num_steps:  # before the end-of-training hooks: a failing one loses no training
+        _check_finite(*pending, ckpt)
+        ckpt.save(num_steps, state, checkpoint_data, force=True)
+      t0 = time.perf_counter()
+      hook_last.update(_run_hooks(hooks, step, num_steps, state, writer))
+      tick += time.perf_counter() - t0  # evaluation time is not training time
+    if start == num_steps > 0:
+      # Already trained (e.g. an end-of-training evaluation failed after the last checkpoint):
+      # evaluate the final checkpoint again rather than return without figures.
+      logging.info("step %d is the last: running the end-of-training hooks only", start)
+      hook_last.update(_run_hooks(hooks, num_steps, num_steps, state, writer))
   finally:
     if profiling:
       jax.profiler.stop_trace()
@@ -192,6 +192,18 @@ def fit(
     if own_writer:
       writer.close()
   return Result(state=state, setup=setup, start_step=start, metrics={**train_last, **hook_last})
+
+
+def _run_hooks(hooks: Sequence[Hook], step: int, num_steps: int, state: Any,
+               writer: metrics_lib.MetricWriter) -> dict[str, Any]:
+  """Runs the hooks due at `step` (all of them at `num_steps`); their prefixed figures."""
+  figures: dict[str, Any] = {}
+  for hook in hooks:
+    if (hook.every and step % hook.every == 0) or step == num_steps:
+      out = {f"{hook.name}/{k}": v for k, v in hook.fn(step, state).items()}
+      writer.write_scalars(step, out)
+      figures.update(out)
+  return figures
 
 
 # Dense bf16 peak FLOP/s per chip (vendor figures) by `device_kind` prefix, for MFU.
