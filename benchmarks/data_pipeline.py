@@ -392,7 +392,8 @@ def section_header(heading: str, module: str, info: dict[str, Any]) -> list[str]
       heading,
       "",
       "Produced by `" + " ".join([f"python -m {module}"] + [
-          arg for arg in sys.argv[1:] if not arg.startswith(("--output", "--json"))]) + "`.",
+          arg for arg in sys.argv[1:]
+          if arg.split("=")[0] not in ("--output", "--json")]) + "`.",  # not --output_overlap
       "",
       f"Machine: {info['cpu']}, `os.cpu_count()` = {info['cpu_count']} "
       f"({info['usable_cpus']} usable), {ram}; Python {info['python']}, jax {info['jax']} "
