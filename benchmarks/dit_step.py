@@ -1,10 +1,11 @@
 r"""Stage-2 training step, JAX vs PyTorch: pixel-space DiT + MSE + AdamW, CPU float32.
 
-    python -m benchmarks.dit_step --variant=small --patch_size=16 --output_overlap=4 --batch=32 --steps=5 [--write]
+    python -m benchmarks.dit_step --variant=small --patch_size=16 --output_overlap=4 \
+        --landmark_blur=6,16 --batch=32 --steps=5 [--write]
 
-One training step of `vigface_jax.models.dit.DiT` (112x112, 6 input channels, 3 output
-channels, 512-d condition rows) against the same architecture written here in PyTorch the
-facebookresearch/DiT way (`models.py`): a `Conv2d` patch embedding (kernel = stride = p), the
+One training step of `vigface_jax.models.dit.DiT` (112x112, 6 input channels, or 6 + 3 per
+`--landmark_blur` σ as in the demo config, 3 output channels, 512-d condition rows) against
+the same architecture written here in PyTorch the facebookresearch/DiT way (`models.py`): a `Conv2d` patch embedding (kernel = stride = p), the
 fixed 2-D sin-cos position embedding (DiT's numpy code, copied below), DiT's
 `TimestepEmbedder`, `c = t_emb + Linear(cond)` (our replacement of the `LabelEmbedder`),
 adaLN-Zero blocks with timm-style attention (`qkv` laid out `[3, heads, head_dim]`) through
@@ -71,6 +72,9 @@ from vigface_jax.models import dit
 _VARIANT = flags.DEFINE_string("variant", "small", "DiT variant (dit.VARIANTS).")
 _PATCH = flags.DEFINE_integer("patch_size", 8, "Patch side (divides 112).")
 _OVERLAP = flags.DEFINE_integer("output_overlap", 0, "DiT output_overlap (pixels).")
+_BLUR = flags.DEFINE_list("landmark_blur", [], "σ of the blurred landmark-image copies "
+                          "(configs/dit.py model.landmark_blur; the demo: 6,16), 3 more input "
+                          "channels each.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per step.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per framework (after 2 warm-up steps).")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for both frameworks.")
@@ -81,7 +85,16 @@ flags.FLAGS.set_default("output", "BENCHMARKS.md")
 _SEED = dp._SEED  # pylint: disable=protected-access
 
 SECTION = "## DiT training step"
-INPUT_SIZE, IN_CHANNELS, OUT_CHANNELS, COND_DIM = 112, 6, 3, 512
+INPUT_SIZE, OUT_CHANNELS, COND_DIM = 112, 3, 512
+
+
+def landmark_blur() -> tuple[float, ...]:
+  return tuple(float(v) for v in _BLUR.value)
+
+
+def in_channels() -> int:
+  """Noisy image ⊕ landmark image (6), plus 3 per blurred landmark copy."""
+  return 6 + 3 * len(landmark_blur())
 NUM_TIMESTEPS = 1000
 REL_TOL = 1e-3
 
@@ -193,7 +206,7 @@ class TorchDiT(nn.Module):
     super().__init__()
     self.patch, self.out_channels, self.overlap = patch, OUT_CHANNELS, overlap
     self.window = patch + 2 * overlap
-    self.x_embedder = nn.Conv2d(IN_CHANNELS, v.hidden, kernel_size=patch, stride=patch)
+    self.x_embedder = nn.Conv2d(in_channels(), v.hidden, kernel_size=patch, stride=patch)
     self.t_embedder = TorchTimestepEmbedder(v.hidden)
     self.y_embedder = nn.Linear(COND_DIM, v.hidden)
     pos = torch_2d_sincos_pos_embed(v.hidden, INPUT_SIZE // patch)
@@ -255,7 +268,7 @@ def copy_into_torch(tm: TorchDiT, jm: dit.DiT) -> None:
   """Every parameter of our DiT into the torch DiT (layouts converted, see the docstring)."""
   v, p = jm.variant, jm.patch_size
   # Our patch kernel is [(p_h, p_w, C), hidden]; the conv's weight is [hidden, C, p_h, p_w].
-  kernel = _np(jm.x_embedder.kernel).reshape(p, p, IN_CHANNELS, v.hidden)
+  kernel = _np(jm.x_embedder.kernel).reshape(p, p, in_channels(), v.hidden)
   tm.x_embedder.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
   tm.x_embedder.bias.copy_(torch.from_numpy(_np(jm.x_embedder.bias)))
   _copy_linear(tm.t_embedder.mlp[0], jm.t_embedder.fc1)
@@ -298,7 +311,7 @@ def randomise_zero_init(model: dit.DiT, seed: int) -> None:
 def scanned_copy(model: dit.DiT) -> dit.DiT:
   """The same network built with `scan_blocks=True`, block weights stacked over depth."""
   scanned = dit.DiT(model.variant, patch_size=model.patch_size, input_size=INPUT_SIZE,
-                    in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, cond_dim=COND_DIM,
+                    in_channels=in_channels(), out_channels=OUT_CHANNELS, cond_dim=COND_DIM,
                     output_overlap=model.output_overlap, scan_blocks=True, rngs=nnx.Rngs(0))
   dit.copy_into_scanned(model, scanned)  # copies: the unrolled model's state is donated
   return scanned
@@ -348,12 +361,12 @@ def run() -> dict[str, Any]:
   v = dit.get_variant(_VARIANT.value)
   rng = np.random.default_rng(_SEED.value)
   b = _BATCH.value
-  x = rng.normal(size=(b, INPUT_SIZE, INPUT_SIZE, IN_CHANNELS)).astype(np.float32)
+  x = rng.normal(size=(b, INPUT_SIZE, INPUT_SIZE, in_channels())).astype(np.float32)
   t = rng.integers(0, NUM_TIMESTEPS, (b,)).astype(np.int32)
   cond = rng.normal(0.0, 0.05, (b, COND_DIM)).astype(np.float32)
   target = rng.normal(size=(b, INPUT_SIZE, INPUT_SIZE, OUT_CHANNELS)).astype(np.float32)
 
-  jmodel = dit.DiT(v, patch_size=_PATCH.value, input_size=INPUT_SIZE, in_channels=IN_CHANNELS,
+  jmodel = dit.DiT(v, patch_size=_PATCH.value, input_size=INPUT_SIZE, in_channels=in_channels(),
                    out_channels=OUT_CHANNELS, cond_dim=COND_DIM,
                    output_overlap=_OVERLAP.value, rngs=nnx.Rngs(_SEED.value))
   randomise_zero_init(jmodel, _SEED.value)
@@ -437,7 +450,7 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       f"One step = DiT-{_VARIANT.value} (hidden {r['hidden']}, depth {r['depth']}, "
       f"{r['heads']} heads, {r['params'] / 1e6:.2f} M parameters), patch {_PATCH.value} "
       f"({r['tokens']} tokens), output_overlap {_OVERLAP.value}, forward + backward on {b} "
-      f"float32 112x112x{IN_CHANNELS} "
+      f"float32 112x112x{in_channels()} "
       f"inputs with random timesteps and {COND_DIM}-d condition rows, MSE against a fixed "
       f"random 112x112x{OUT_CHANNELS} target, AdamW lr={_LR.value:g} (betas 0.9/0.999, "
       "eps 1e-8, weight decay 0). Median and best of the timed steps after compile + 2 "

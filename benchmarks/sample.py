@@ -1,6 +1,7 @@
 r"""Stage-2 sampling, JAX vs PyTorch + diffusers: 50-step DDIM with classifier-free guidance.
 
-    python -m benchmarks.sample --variant=small --patch_size=16 --output_overlap=4 --batch=16 --sample_steps=50 [--write]
+    python -m benchmarks.sample --variant=small --patch_size=16 --output_overlap=4 \
+        --landmark_blur=6,16 --batch=16 --sample_steps=50 [--write]
 
 Draws `--batch` 112x112 faces with DDIM (eta 0, `trailing` spacing, cosine schedule T = 1000,
 v-prediction, x0 clipped to [-1, 1], guidance 4.0: the sampling settings of `configs/dit.py`)
@@ -15,8 +16,9 @@ from the same DiT weights on both sides:
   `v_prediction`, `clip_sample=True`, the same spacing) with the doubled `[x; x]` batch and
   `[rows; 0]` conditions per step, `uncond + s * (cond - uncond)`, under `torch.inference_mode`.
 
-Both start from the same x_T and landmark images, so with eta = 0 the final images must agree
-(max |diff| asserted < 1e-2 on the [-1, 1] scale; float32 differences grow over 50 steps), which
+Both start from the same x_T and landmark images (with `--landmark_blur`, also their blurred
+copies, computed once per call as stage 2's sampler does), so with eta = 0 the final images
+must agree (max |diff| asserted < 1e-2 on the [-1, 1] scale; float32 differences grow over 50 steps), which
 checks that the two samplers are the same computation before anything is compared. Each side
 runs once as warm-up, then `--repeats` timed runs; images/s from the median.
 
@@ -53,6 +55,7 @@ from vigface_jax.data import landmarks as landmarks_lib
 from vigface_jax.diffusion import samplers
 from vigface_jax.diffusion import schedules
 from vigface_jax.models import dit
+from vigface_jax.train import dit as dit_train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "DDIM steps.")
@@ -101,8 +104,11 @@ def run() -> dict[str, Any]:
   points = np.asarray(landmarks_lib.ARCFACE_TEMPLATE, np.float32)[None] + rng.normal(
       0.0, 2.0, (b, 5, 2)).astype(np.float32)
   lmk = np.asarray(landmarks_lib.render_landmark_image(points)).astype(np.float32) / 127.5 - 1
+  # The condition channels, computed once per call as stage 2's sampler does.
+  lmk = np.concatenate([lmk] + [np.asarray(f) for f in dit_train.landmark_fields(
+      jnp.asarray(lmk), dit_step.landmark_blur())], axis=-1)
 
-  jmodel = dit.DiT(v, patch_size=p, input_size=size, in_channels=dit_step.IN_CHANNELS,
+  jmodel = dit.DiT(v, patch_size=p, input_size=size, in_channels=dit_step.in_channels(),
                    out_channels=dit_step.OUT_CHANNELS, cond_dim=dit_step.COND_DIM,
                    output_overlap=dit_step._OVERLAP.value, rngs=nnx.Rngs(seed))  # pylint: disable=protected-access
   dit_step.randomise_zero_init(jmodel, seed)
@@ -163,7 +169,8 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       f"{b} images of 112x112 from DiT-{dit_step._VARIANT.value} (hidden {r['hidden']}, "  # pylint: disable=protected-access
       f"depth {r['depth']}, {r['heads']} heads, {r['params'] / 1e6:.2f} M parameters), patch "
       f"{dit_step._PATCH.value} ({r['tokens']} tokens), output_overlap "
-      f"{dit_step._OVERLAP.value}; {n}-step DDIM (eta 0, "  # pylint: disable=protected-access
+      f"{dit_step._OVERLAP.value}, {dit_step.in_channels()} input channels; "  # pylint: disable=protected-access
+      f"{n}-step DDIM (eta 0, "
       f"`{_SPACING.value}` spacing, v-prediction, cosine T = {T}, x0 clipped) with "
       f"guidance {_GUIDANCE.value:g}: {n} DiT calls on a batch of {2 * b} "
       "(conditional + unconditional halves). Median of the timed runs after compile + 1 "

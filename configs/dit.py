@@ -15,15 +15,16 @@ Variants (`--config=configs/dit.py:<variant>`):
            cosine schedule T = 1000, AdamW lr 1e-4, EMA 0.9999, global batch 256, condition
            dropout 0.1, identity-loss weight 0.05 on t < 300, DDIM 50 steps with guidance 4.0.
   demo     procedural faces (the data of `configs/fr.py:demo`), a small DiT with 16×16 patches
-           scanned over depth and cross-faded 4-pixel output margins, x0-prediction, 2,400
-           steps of 32 for a 2-core CPU (26–36 min to the last step, depending on the
-           machine), then the sheet and the evaluations at guidance 4.0 (guided on t ∈ [150,
-           880], rescale 0.7, DDIM η = 1), 1.0 and 2.0 (5–7 min). Measured: samples from 200
-           real rows identified as their own identity among 800 91.0% top-1 at guidance 4.0,
-           88.5% at 1.0, 91.0% at 2.0; drawn with left- and right-turned landmark sets, the
-           faces turn the right way in 68% of pairs and 0.10 as much as real faces; moved
-           dots move them 0.28 of the way horizontally, not vertically; the samples are
-           blurry faces, see README "Stage 2".
+           scanned over depth and cross-faded 4-pixel output margins, the landmark image plus
+           two blurred copies (σ = 6, 16 px), x0-prediction, 1,800 steps of 32 for a 2-core
+           CPU (22–26 min to the last step, depending on the machine), then the sheet and the
+           evaluations at guidance 4.0 (guided on t ∈ [150, 880], rescale 0.7, DDIM η = 1)
+           and a sheet and identity figures at 1.0 (4–5 min). Measured (28 min 17 s in all):
+           samples from 200 real rows identified as their own identity among 800 94.5% top-1
+           at guidance 4.0, 93.5% at 1.0; drawn with left- and right-turned landmark sets,
+           the faces turn the right way in 92% of pairs and 0.35 as much as real faces;
+           moved dots move them all the way (1.00 horizontally and vertically). The samples
+           are blurry faces, see README "Stage 2".
   tiny     seconds, for tests.
 """
 
@@ -72,6 +73,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # neighbours (dit.fold_patches): with 16×16 patches an undertrained DiT otherwise draws a
   # mosaic with a step at every patch border. 0 = DiT's unpatchify (the default's 8×8 patches).
   config.model.output_overlap = 4 if small else 0
+  # σ (pixels) of Gaussian-blurred copies of the landmark image given to the DiT as extra
+  # input channels (train/dit.py landmark_fields); () = the landmark image alone (the paper).
+  config.model.landmark_blur = (6.0, 16.0) if small else ()
   config.model.num_real = config_dict.placeholder(int)
 
   config.diffusion = config_dict.ConfigDict()
@@ -96,7 +100,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.diffusion.id_loss_weight = 0.05
   config.diffusion.id_loss_max_t = 300  # identity loss only on t ≤ this
 
-  steps = 4 if tiny else (2_400 if demo else 200_000)
+  steps = 4 if tiny else (1_800 if demo else 200_000)
   config.optim = config_dict.ConfigDict()
   config.optim.name = "adamw"
   config.optim.lr = 3e-4 if small else 1e-4
@@ -109,7 +113,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.train.num_steps = steps
   config.train.seed = 0
   config.train.log_every = 2 if tiny else (50 if demo else 100)
-  config.train.checkpoint_every = 2 if tiny else (1_200 if demo else 5_000)
+  config.train.checkpoint_every = 2 if tiny else (900 if demo else 5_000)
   config.train.keep_checkpoints = 3
   config.train.async_checkpoint = True
   config.train.ema_decay = 0.999 if small else 0.9999
@@ -117,18 +121,20 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.train.profile_steps = ()
 
   config.sample = config_dict.ConfigDict()
-  # 0: only at the end (the demo: its mid-run sheet would cost 2 of its 30 minutes).
+  # 0: only at the end (the demo: a mid-run sheet and evaluations would cost minutes of its 30).
   config.sample.every = 0 if small else 10_000
   config.sample.num_steps = 2 if tiny else 50  # DDIM steps
   # η = 1 (DDPM-like noise at every step) gives the demo's young model cleaner faces and
-  # better identity than deterministic DDIM: 91.0% top-1 against 87.0% on the same checkpoint.
+  # better identity than deterministic DDIM: 91.0% top-1 against 87.0% on one checkpoint of
+  # an earlier demo model (before `model.landmark_blur`).
   config.sample.eta = 1.0 if small else 0.0
   config.sample.spacing = "trailing"  # leading | trailing | linspace
   config.sample.guidance = 4.0
   # Guide only at timesteps t_lo ≤ t ≤ t_hi, conditional elsewhere (Kynkäänniemi et al.
   # 2024); None = every step, as the paper. The demo's (150, 880) is σ ∈ (0.25, 5.3] on the
-  # cosine schedule, about EDM2's interval: on the demo's checkpoint it lifts top-1 at 4.0 from
-  # 70.5% to 88.5% and removes the repeated eye-like texture that guidance at t < 150 paints.
+  # cosine schedule, about EDM2's interval: on an earlier demo checkpoint it lifted top-1 at
+  # 4.0 from 70.5% to 88.5% and removed the repeated eye-like texture that guidance at t < 150
+  # paints.
   config.sample.guidance_interval = (150, 880) if small else config_dict.placeholder(tuple)
   # φ of Lin et al. 2023 (diffusers' guidance_rescale): pulls the guided prediction's spread
   # back to the conditional one's, against over-saturation; 0 = off, the paper.
@@ -141,7 +147,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # Extra scales, at the end of training only: a sheet and the identity metrics each
   # (`guidance_sweep/*`). A young model such as the demo's draws cleaner, better identified
   # faces below the paper's 4.0, which oversaturates it.
-  config.sample.guidance_sweep = (1.0, 2.0) if small else ()
+  config.sample.guidance_sweep = (1.0,) if small else ()
   config.sample.seed = 0
   config.sample.sheet_identities = 2 if tiny else 8  # sample sheet rows
   config.sample.sheet_landmarks = 2 if tiny else 6  # sample sheet columns (landmark sets)

@@ -93,8 +93,14 @@ def test_stage2_trains_samples_and_keeps_stage1_frozen(stage1, tmp_path):
 def test_stage2_two_steps_crash_resume_equals_four(stage1, tmp_path, monkeypatch):
   config = _tiny(stage1)
   config.sample.every = 0
+  # No sheet rows, evaluation rows or following pairs: those hooks are left out.
+  config.sample.sheet_identities = 0
+  config.sample.eval_identities = 0
+  config.sample.follow_identities = 0
   straight = str(tmp_path / "straight")
-  dit.run(config, straight)
+  summary = dit.run(config, straight)
+  assert not os.path.exists(os.path.join(straight, "samples"))
+  assert not any(k.startswith(("identity/", "landmarks/", "guidance_sweep/")) for k in summary)
   resumed = str(tmp_path / "resumed")
   real = pipeline.make_pipeline
   monkeypatch.setattr(pipeline, "make_pipeline",
@@ -132,6 +138,54 @@ def test_bad_pose_guidance_names_the_field(tmp_path, scale):
   config.sample.pose_guidance = scale
   with pytest.raises(config_lib.ConfigError, match="sample.pose_guidance"):
     dit.run(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("field,value", [("sheet_landmarks", 0), ("eval_identities", -1),
+                                         ("batch_size", 0)])
+def test_bad_sample_counts_name_the_field(tmp_path, field, value):
+  config = dit_config.get_config("tiny")
+  config.sample[field] = value
+  with pytest.raises(config_lib.ConfigError, match=f"sample.{field}"):
+    dit.run(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("blur", [(0.0,), (-2.0, 8.0), ("wide",), (float("nan"),)])
+def test_bad_landmark_blur_names_the_field(tmp_path, blur):
+  config = dit_config.get_config("tiny")
+  config.model.landmark_blur = blur
+  with pytest.raises(config_lib.ConfigError, match="model.landmark_blur"):
+    dit.run(config, str(tmp_path))
+
+
+def test_landmark_fields_spread_each_point_where_it_is():
+  points = np.asarray(dit.landmarks_lib.ARCFACE_TEMPLATE, np.float32)[None]
+  image = jnp.asarray(dit._model_landmarks(points))
+  assert dit.landmark_fields(image, ()) == []
+  near, far = dit.landmark_fields(image, (4.0, 12.0))
+  for field in (near, far):
+    assert field.shape == image.shape and float(field.min()) >= -1.0
+  near = (np.asarray(near[0]) + 1) / 2  # blurred dot density
+  # One diamond blurred at σ = 4 peaks near 1 at its point (the nose: green only).
+  nx, ny = np.rint(points[0, 2]).astype(int)
+  assert near[ny, nx, 1] == pytest.approx(near[..., 1].max()) and 0.8 < near[ny, nx, 1] < 1.1
+  # Its mass stays where the point is: the green centroid is the nose.
+  ys, xs = np.mgrid[:112, :112]
+  g = near[..., 1]
+  np.testing.assert_allclose([np.sum(g * xs) / g.sum(), np.sum(g * ys) / g.sum()],
+                             points[0, 2], atol=0.6)
+  # Far from every point (a corner) the near field is empty, the wide one is not.
+  assert near[0, 0].max() < 1e-6 and float(far[0, 60, 56, 0]) > -1.0
+  # The DiT sees 6 + 3 per σ channels.
+  cfg = dit_config.get_config("tiny")
+  cfg.model.landmark_blur = (4.0, 12.0)
+  model = dit.Stage2(cfg, {"arch": "tiny", "embed_dim": 32, "input_size": 32}, 4,
+                     rngs=nnx.Rngs(0))
+  assert model.dit.in_channels == 12
+  channels = model.landmark_channels(image)
+  assert channels.shape == (1, 112, 112, 9)
+  np.testing.assert_array_equal(channels[..., :3], image)
+  out = model.denoise(jnp.zeros((1, 112, 112, 3)), jnp.asarray([5]), jnp.zeros((1, 32)), channels)
+  assert out.shape == (1, 112, 112, 3)
 
 
 def test_estimate_shift_recovers_translations():

@@ -1,8 +1,9 @@
 """The `dit` task: stage 2 of VIGFace (DESIGN §1), a pixel DiT drawing a face from a class centre.
 
 Each training example is an aligned face, its five-point landmark image and its class's *real*
-row from stage 1. The DiT sees the noisy image ⊕ the landmark image (6 channels) and the
-condition `t_emb + Linear(row)`; rows are replaced by the zero vector with probability
+row from stage 1. The DiT sees the noisy image ⊕ the landmark image (6 channels; plus 3 per
+Gaussian-blurred copy of the landmark image, `model.landmark_blur`) and the condition
+`t_emb + Linear(row)`; rows are replaced by the zero vector with probability
 `diffusion.cond_drop` (classifier-free guidance). Loss: v-prediction (default) plus the
 identity loss `‖f_FR(x̂0) − w‖²` through the frozen stage-1 network on low-noise timesteps.
 The frozen network and the row table ride in the train state's non-optimised part
@@ -68,7 +69,9 @@ class Stage2(nnx.Module):
   def __init__(self, config: Any, fr_info: dict[str, Any], num_real: int, *, rngs: nnx.Rngs):
     m = config.model
     dtype = fr_task.compute_dtype(m.get("dtype", "auto"))
+    self.landmark_blur = landmark_blur(config)
     self.dit = dit_lib.DiT(m.variant, patch_size=int(m.patch_size), cond_dim=fr_info["embed_dim"],
+                           in_channels=6 + 3 * len(self.landmark_blur),
                            cond_scale=math.sqrt(fr_info["embed_dim"]),  # unit rows → unit RMS
                            dtype=dtype, remat=bool(m.get("remat", False)),
                            scan_blocks=bool(m.get("scan_blocks", False)),
@@ -79,6 +82,18 @@ class Stage2(nnx.Module):
     self.fr_input_size = int(fr_info["input_size"])
     self.rows = Frozen(jnp.zeros((num_real, fr_info["embed_dim"]), jnp.float32),
                        out_sharding=("classes", "embed"), eager_sharding=False)
+
+  def landmark_channels(self, landmark_image: jax.Array) -> jax.Array:
+    """Landmark images `[b, H, W, 3]` -> the DiT's condition channels (the image, then its
+    blurred copies, `model.landmark_blur`), `[b, H, W, 3 + 3k]`. A sampler computes them once
+    per call, not at every step."""
+    fields = landmark_fields(landmark_image, self.landmark_blur)
+    return jnp.concatenate([landmark_image.astype(jnp.float32)] + fields, axis=-1)
+
+  def denoise(self, x_t: jax.Array, t: jax.Array, cond: jax.Array | None,
+              channels: jax.Array) -> jax.Array:
+    """The DiT's prediction for noisy images `x_t` under rows `cond` and landmark channels."""
+    return self.dit(jnp.concatenate([x_t, channels], axis=-1), t, cond)
 
   def embed(self, images: jax.Array) -> jax.Array:
     """Normalised float `[-1, 1]` or uint8 faces → stage-1 embeddings (frozen)."""
@@ -94,6 +109,48 @@ def landmark_input(points: jax.Array, has: jax.Array) -> jax.Array:
   """Landmark images in [-1, 1]; examples without landmarks get the empty (black) image."""
   image = to_model_range(landmarks_lib.render_landmark_image_jnp(points))
   return jnp.where(has[:, None, None, None], image, -1.0)
+
+
+def landmark_blur(config: Any) -> tuple[float, ...]:
+  """`model.landmark_blur` as a tuple of σ in pixels; ConfigError if invalid."""
+  value = config.model.get("landmark_blur", ())
+  value = () if value is None else value
+  try:
+    sigmas = tuple(float(v) for v in value)
+  except (TypeError, ValueError):
+    sigmas = None
+  if sigmas is None or not all(math.isfinite(v) and v > 0 for v in sigmas):
+    raise config_lib.ConfigError(
+        f"model.landmark_blur must be a tuple of positive σ in pixels (() = off), got {value!r}")
+  return sigmas
+
+
+@functools.cache
+def _gaussian_matrix(size: int, sigma: float) -> np.ndarray:
+  """`[size, size]` 1-D Gaussian blur with zero padding, scaled so a 13-pixel landmark
+  diamond peaks near 1 once blurred along both axes."""
+  i = np.arange(size, dtype=np.float64)
+  g = np.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma) ** 2)
+  return (g / math.sqrt(13.0)).astype(np.float32)
+
+
+def landmark_fields(landmark_image: jax.Array, sigmas: tuple[float, ...]) -> list[jax.Array]:
+  """Gaussian-blurred copies `[b, H, W, 3]` of landmark images in [-1, 1], one per σ.
+
+  A landmark image says where a point is only in the few pixels of its diamond, so only the
+  tokens that hold a diamond see it. Blurred, every pixel within a few σ carries how far and
+  in which direction each point lies, and so does each token's patch embedding. Values: the
+  dots' blurred density in [-1, ~1] (background -1).
+  """
+  if not sigmas:
+    return []
+  dots = (landmark_image.astype(jnp.float32) + 1.0) * 0.5
+  h, w = dots.shape[1:3]
+  out = []
+  for sigma in sigmas:
+    gy, gx = jnp.asarray(_gaussian_matrix(h, sigma)), jnp.asarray(_gaussian_matrix(w, sigma))
+    out.append(jnp.einsum("ij,bjkc,lk->bilc", gy, dots, gx) * 2.0 - 1.0)
+  return out
 
 
 def _model_landmarks(points: np.ndarray) -> np.ndarray:
@@ -118,7 +175,7 @@ def dit_loss(model: Stage2, batch: dict[str, jax.Array], rng: jax.Array, *, cfg:
   cond = jnp.where(kept[:, None], rows, 0.0)  # the zero vector is the null condition
   if float(d.get("landmark_drop", 0.0)) > 0:
     lmk = losses.drop_landmarks(r_l, lmk, float(d.landmark_drop), fill=-1.0)
-  pred = model.dit(jnp.concatenate([x_t, lmk], axis=-1), t, cond)
+  pred = model.denoise(x_t, t, cond, model.landmark_channels(lmk))
   _, diff_loss = losses.diffusion_loss(pred, x0, noise, t, schedule, kind=d.prediction,
                                        weighting=d.weighting,
                                        min_snr_gamma=float(d.get("snr_gamma", 5.0)))
@@ -161,13 +218,15 @@ def make_sampler(setup: state_lib.Setup, cfg: Any, schedule: schedules.Schedule,
 
     def with_cond(x_t, t, cond):
       r, l = cond
-      return model.dit(jnp.concatenate([x_t, l], axis=-1), t, r)
+      return model.denoise(x_t, t, r, l)
 
+    channels = model.landmark_channels(lmk)  # once, outside the sampling loop
     negative = None
     if pose_scale > 0:
-      negative = (rows, jnp.broadcast_to(jnp.asarray(typical, lmk.dtype), lmk.shape))
-    model_fn = samplers.cfg_model_fn(with_cond, (rows, lmk), guidance,
-                                     (jnp.zeros_like(rows), lmk), interval=interval,
+      typical_channels = model.landmark_channels(jnp.asarray(typical, lmk.dtype)[None])
+      negative = (rows, jnp.broadcast_to(typical_channels, channels.shape))
+    model_fn = samplers.cfg_model_fn(with_cond, (rows, channels), guidance,
+                                     (jnp.zeros_like(rows), channels), interval=interval,
                                      rescale=float(s.get("guidance_rescale", 0.0)),
                                      negative=negative, negative_scale=pose_scale)
     x0 = samplers.ddim_sample(model_fn, schedule, (rows.shape[0],) + lmk.shape[1:3] + (3,), rng,
@@ -313,6 +372,18 @@ def guidance_sweep(config: Any) -> tuple[float, ...]:
   if not all(np.isfinite(scales)):
     raise config_lib.ConfigError(f"sample.guidance_sweep must be finite, got {value!r}")
   return scales
+
+
+def check_sample_counts(config: Any) -> None:
+  """ConfigError unless `sample.sheet_landmarks` ≥ 1 (the identity and pose evaluations draw
+  their landmark sets from the sheet's) and the other `sample.*` counts are ≥ 0 (0 = skip)."""
+  s = config.sample
+  for field, least in (("sheet_landmarks", 1), ("sheet_identities", 0), ("eval_identities", 0),
+                       ("follow_identities", 0), ("batch_size", 1)):
+    value = s.get(field, least)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise config_lib.ConfigError(
+          f"sample.{field} must be an integer ≥ {least}, got {value!r}")
 
 
 def guidance_interval(config: Any) -> tuple[int, int] | None:
@@ -488,10 +559,12 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
       out = {}
       for g in sweep:
         key = guidance_key(g)
-        write_sheet(step, state, g, "_" + key)
-        r = identity(state, g)
-        out[f"top1_{key}"] = r["top1"]
-        out[f"mean_cos_to_row_{key}"] = r["mean_cos_to_row"]
+        if n_ids:
+          write_sheet(step, state, g, "_" + key)
+        if num_eval:
+          r = identity(state, g)
+          out[f"top1_{key}"] = r["top1"]
+          out[f"mean_cos_to_row_{key}"] = r["mean_cos_to_row"]
       return out
 
     def landmarks_fn(step: int, state) -> dict[str, float]:
@@ -499,10 +572,14 @@ def make_hooks(config, workdir: str, schedule, real_rows: np.ndarray, points: np
       return following(state, float(s.guidance))
 
     every = int(s.every)
-    hooks = [loop.Hook("samples", every, sheet_fn), loop.Hook("identity", every, identity_fn)]
+    hooks = []  # sample.sheet_identities / eval_identities / follow_identities 0: left out
+    if n_ids:
+      hooks.append(loop.Hook("samples", every, sheet_fn))
+    if num_eval:
+      hooks.append(loop.Hook("identity", every, identity_fn))
     if num_follow > 0 and (follow_shift > 0 or source is not None):
       hooks.append(loop.Hook("landmarks", every, landmarks_fn))
-    if sweep:
+    if sweep and (n_ids or num_eval):
       hooks.append(loop.Hook("guidance_sweep", 0, sweep_fn))
     return hooks
 
@@ -582,6 +659,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains stage 2 and reports identity consistency of samples from real rows."""
   fr_task.check_data(config)
   guidance_sweep(config)  # bad fields fail before anything is built
+  check_sample_counts(config)
+  landmark_blur(config)
   guidance_interval(config)
   pose_guidance(config)
   info, real_rows = _stage1(config)
