@@ -5,11 +5,12 @@ r"""Stage-2 training step, JAX vs PyTorch: pixel-space DiT + MSE + AdamW, CPU fl
 
 One training step of `vigface_jax.models.dit.DiT` (112x112, 6 input channels, or 6 + 3 per
 `--landmark_blur` σ as in the demo config, 3 output channels, 512-d condition rows) against
-the same architecture written here in PyTorch the facebookresearch/DiT way (`models.py`): a `Conv2d` patch embedding (kernel = stride = p), the
-fixed 2-D sin-cos position embedding (DiT's numpy code, copied below), DiT's
-`TimestepEmbedder`, `c = t_emb + Linear(cond)` (our replacement of the `LabelEmbedder`),
-adaLN-Zero blocks with timm-style attention (`qkv` laid out `[3, heads, head_dim]`) through
-`F.scaled_dot_product_attention`, a tanh-GELU MLP, DiT's `FinalLayer` and `unpatchify`. With
+the same architecture written here in PyTorch the facebookresearch/DiT way (`models.py`): a
+`Conv2d` patch embedding (kernel = stride = p), the fixed 2-D sin-cos position embedding
+(DiT's numpy code, copied below), DiT's `TimestepEmbedder`, `c = t_emb + Linear(cond)` (our
+replacement of the `LabelEmbedder`), adaLN-Zero blocks with timm-style attention (`qkv` laid
+out `[3, heads, head_dim]`) through `F.scaled_dot_product_attention`, a tanh-GELU MLP, DiT's
+`FinalLayer` and `unpatchify`. With
 `--output_overlap=m` (the demo config uses 4) each token's `(p + 2m)²` window is weighted by
 the same cross-fade and overlap-added with `F.fold` (stride p, padding m), then divided by the
 folded weights: an independent implementation of `dit.fold_patches`.
@@ -67,6 +68,7 @@ import torch.nn.functional as F
 
 from benchmarks import data_pipeline as dp  # machine(), section_header(), write_output()
 from vigface_jax.models import dit
+from vigface_jax.train import dit as dit_train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _VARIANT = flags.DEFINE_string("variant", "small", "DiT variant (dit.VARIANTS).")
@@ -86,17 +88,18 @@ _SEED = dp._SEED  # pylint: disable=protected-access
 
 SECTION = "## DiT training step"
 INPUT_SIZE, OUT_CHANNELS, COND_DIM = 112, 3, 512
+NUM_TIMESTEPS = 1000
+REL_TOL = 1e-3
 
 
 def landmark_blur() -> tuple[float, ...]:
+  """`--landmark_blur` as σ values."""
   return tuple(float(v) for v in _BLUR.value)
 
 
 def in_channels() -> int:
-  """Noisy image ⊕ landmark image (6), plus 3 per blurred landmark copy."""
-  return 6 + 3 * len(landmark_blur())
-NUM_TIMESTEPS = 1000
-REL_TOL = 1e-3
+  """Noisy image ⊕ landmark image (6), plus 3 per blurred landmark copy (as stage 2)."""
+  return dit_train.input_channels(landmark_blur())
 
 # ------------------------------------------------------- PyTorch (DiT models.py)
 

@@ -18,9 +18,10 @@ from the same DiT weights on both sides:
 
 Both start from the same x_T and landmark images (with `--landmark_blur`, also their blurred
 copies, computed once per call as stage 2's sampler does), so with eta = 0 the final images
-must agree (max |diff| asserted < 1e-2 on the [-1, 1] scale; float32 differences grow over 50 steps), which
-checks that the two samplers are the same computation before anything is compared. Each side
-runs once as warm-up, then `--repeats` timed runs; images/s from the median.
+must agree (max |diff| asserted < 1e-2 on the [-1, 1] scale; float32 differences grow over 50
+steps), which checks that the two samplers are the same computation before anything is
+compared. Each side runs once as warm-up, then `--repeats` timed runs; images/s from the
+median.
 
 Threads: as `benchmarks/dit_step.py` (torch threads = `--threads`, the process pinned to
 `--threads` CPUs before jax starts).
@@ -105,8 +106,7 @@ def run() -> dict[str, Any]:
       0.0, 2.0, (b, 5, 2)).astype(np.float32)
   lmk = np.asarray(landmarks_lib.render_landmark_image(points)).astype(np.float32) / 127.5 - 1
   # The condition channels, computed once per call as stage 2's sampler does.
-  lmk = np.concatenate([lmk] + [np.asarray(f) for f in dit_train.landmark_fields(
-      jnp.asarray(lmk), dit_step.landmark_blur())], axis=-1)
+  lmk = np.asarray(dit_train.landmark_channels(jnp.asarray(lmk), dit_step.landmark_blur()))
 
   jmodel = dit.DiT(v, patch_size=p, input_size=size, in_channels=dit_step.in_channels(),
                    out_channels=dit_step.OUT_CHANNELS, cond_dim=dit_step.COND_DIM,

@@ -71,7 +71,7 @@ class Stage2(nnx.Module):
     dtype = fr_task.compute_dtype(m.get("dtype", "auto"))
     self.landmark_blur = landmark_blur(config)
     self.dit = dit_lib.DiT(m.variant, patch_size=int(m.patch_size), cond_dim=fr_info["embed_dim"],
-                           in_channels=6 + 3 * len(self.landmark_blur),
+                           in_channels=input_channels(self.landmark_blur),
                            cond_scale=math.sqrt(fr_info["embed_dim"]),  # unit rows → unit RMS
                            dtype=dtype, remat=bool(m.get("remat", False)),
                            scan_blocks=bool(m.get("scan_blocks", False)),
@@ -84,11 +84,8 @@ class Stage2(nnx.Module):
                        out_sharding=("classes", "embed"), eager_sharding=False)
 
   def landmark_channels(self, landmark_image: jax.Array) -> jax.Array:
-    """Landmark images `[b, H, W, 3]` -> the DiT's condition channels (the image, then its
-    blurred copies, `model.landmark_blur`), `[b, H, W, 3 + 3k]`. A sampler computes them once
-    per call, not at every step."""
-    fields = landmark_fields(landmark_image, self.landmark_blur)
-    return jnp.concatenate([landmark_image.astype(jnp.float32)] + fields, axis=-1)
+    """`landmark_channels` under this model's `model.landmark_blur`."""
+    return landmark_channels(landmark_image, self.landmark_blur)
 
   def denoise(self, x_t: jax.Array, t: jax.Array, cond: jax.Array | None,
               channels: jax.Array) -> jax.Array:
@@ -151,6 +148,19 @@ def landmark_fields(landmark_image: jax.Array, sigmas: tuple[float, ...]) -> lis
     gy, gx = jnp.asarray(_gaussian_matrix(h, sigma)), jnp.asarray(_gaussian_matrix(w, sigma))
     out.append(jnp.einsum("ij,bjkc,lk->bilc", gy, dots, gx) * 2.0 - 1.0)
   return out
+
+
+def landmark_channels(landmark_image: jax.Array, sigmas: tuple[float, ...]) -> jax.Array:
+  """Landmark images `[b, H, W, 3]` -> the DiT's condition channels: the image, then its
+  blurred copies (`landmark_fields`), `[b, H, W, 3 + 3 · len(sigmas)]`. A sampler computes
+  them once per call, not at every step."""
+  fields = landmark_fields(landmark_image, sigmas)
+  return jnp.concatenate([landmark_image.astype(jnp.float32)] + fields, axis=-1)
+
+
+def input_channels(sigmas: tuple[float, ...]) -> int:
+  """The DiT's input channels: noisy image (3) ⊕ `landmark_channels`."""
+  return 6 + 3 * len(sigmas)
 
 
 def _model_landmarks(points: np.ndarray) -> np.ndarray:
