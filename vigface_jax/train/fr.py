@@ -243,8 +243,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     embed_lib.save_backbone(os.path.join(workdir, "export"), model.backbone,
                             arch=config.model.arch, embed_dim=int(config.model.embed_dim),
                             input_size=model.input_size, force=True)
-    centres = jax.device_get(model.head.weight[...])
-    report = prototypes.write_report(workdir, centres, n) if parallel.is_main_process() else {}
+    # Every process: with the class axis sharded across hosts, write_report gathers first.
+    report = prototypes.write_report(workdir, model.head.weight[...], n) or {}
     if report:
       summary["separability"] = report.get("verdict", report)
     if "procedural" in packs and config.eval.get("baselines", True) and parallel.is_main_process():
