@@ -17,11 +17,35 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+import importlib
 import pathlib
 
 import pytest
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def missing(msg: str):
+  """Skips the test for a missing test dependency; fails it instead when CI is set.
+
+  CI installs every test dependency (.ci/run), so there a missing one is a broken setup that
+  must not pass as a run with fewer tests. Call it from the test or fixture that needs it.
+  """
+  if os.environ.get("CI"):
+    pytest.fail(f"{msg} [CI is set: a missing test dependency fails instead of skipping]")
+  pytest.skip(msg)
+
+
+def require(module_name: str, reason: str):
+  """Imports and returns `module_name`, or reports it `missing` (skip, or fail under CI).
+
+  `reason` says what needs the module and how to install it. Use it inside the tests or
+  fixtures that need the module, not at module level, so the rest of the file still runs.
+  """
+  try:
+    return importlib.import_module(module_name)
+  except ImportError as e:
+    missing(f"{module_name} is not importable ({e}): {reason}")
 
 
 @pytest.fixture(scope="session")

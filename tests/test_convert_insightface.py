@@ -1,7 +1,8 @@
 """Tests of `convert insightface`, `models.torch_checkpoint` and `evaluate.embed`.
 
 torch is a test-only dependency: it writes the checkpoints (`torch.save`) and
-gives the reference embeddings; the code under test never imports it.
+gives the reference embeddings; the code under test never imports it. The tests that use it
+ask for the `torch` fixture (skipped when torch is missing, failed under CI).
 """
 
 import os
@@ -22,9 +23,8 @@ from vigface_jax.evaluate import embed
 from vigface_jax.models import iresnet
 from vigface_jax.models import torch_checkpoint
 
-torch = pytest.importorskip("torch")
-
-from tests.test_iresnet import _randomise, _torch_model  # pylint: disable=g-import-not-at-top
+from conftest import require
+from tests.test_iresnet import _randomise, _torch_model
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,13 +38,21 @@ def _images(n, seed):
   return np.random.default_rng(seed).integers(0, 256, (n, 112, 112, 3), dtype=np.uint8)
 
 
+@pytest.fixture(scope="module")
+def torch():
+  return require("torch", "writes the checkpoints and the reference embeddings "
+                 "(pip install torch==2.13.0)")
+
+
 def _torch_embed(tmodel, images):
+  import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
   x = (images.astype(np.float32) / 255.0 - 0.5) / 0.5
   with torch.no_grad():
     return tmodel(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
 
 
 def _torch_numpy(t):
+  import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
   t = t.detach().contiguous()
   if t.dtype == torch.bfloat16:
     return t.float().numpy().astype(ml_dtypes.bfloat16)
@@ -52,7 +60,7 @@ def _torch_numpy(t):
 
 
 @pytest.mark.parametrize("variant", ["tiny", "tiny_se"])
-def test_convert_and_embed_match_torch(tmp_path, variant):
+def test_convert_and_embed_match_torch(tmp_path, variant, torch):
   tmodel = _randomise(_torch_model(variant), seed=3)
   src = tmp_path / "model.pt"
   torch.save(tmodel.state_dict(), src)
@@ -86,7 +94,7 @@ def _run_cli(*args):
                         check=False)
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, torch):
   tmodel = _randomise(_torch_model("tiny"), seed=5)
   src = tmp_path / "model.pt"
   # A DDP checkpoint wrapped like a training checkpoint.
@@ -109,7 +117,7 @@ def test_cli(tmp_path):
   assert "Unknown IResNet variant 'r51'" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_wrong_shape_names_the_key(tmp_path):
+def test_wrong_shape_names_the_key(tmp_path, torch):
   sd = _torch_model("tiny").state_dict()
   good = tmp_path / "good.pt"
   torch.save(sd, good)
@@ -123,7 +131,7 @@ def test_wrong_shape_names_the_key(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
-def test_reads_like_torch_load(tmp_path):
+def test_reads_like_torch_load(tmp_path, torch):
   g = torch.Generator().manual_seed(0)
   a = torch.randn(3, 5, generator=g)
   tensors = {
@@ -179,7 +187,7 @@ def test_malicious_pickle_is_refused(tmp_path):
   assert marker.exists()
 
 
-def test_corrupt_files_name_the_path(tmp_path):
+def test_corrupt_files_name_the_path(tmp_path, torch):
   path = tmp_path / "model.pt"
   torch.save({"w": torch.randn(64, 64)}, path)
   data = path.read_bytes()

@@ -1,4 +1,9 @@
-"""Tests for vigface_jax.diffusion: schedules, parameterization, losses, samplers (vs diffusers)."""
+"""Tests for vigface_jax.diffusion: schedules, parameterization, losses, samplers (vs diffusers).
+
+diffusers and torch are test-only dependencies of the comparisons with diffusers; those tests
+ask for the `diffusers` / `torch` fixtures (skipped when missing, failed under CI), the rest
+runs on numpy and JAX alone.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,7 @@ from vigface_jax.diffusion import parameterization as P
 from vigface_jax.diffusion import samplers
 from vigface_jax.diffusion import schedules as S
 
-diffusers = pytest.importorskip("diffusers")
-torch = pytest.importorskip("torch")
+from conftest import require
 
 _SCHEDULE_KW = {
     "linear": {},
@@ -24,7 +28,18 @@ _SCHEDULE_KW = {
 }
 
 
-def _ddim(name: str, T: int = 1000, **kw):  # pylint: disable=invalid-name
+@pytest.fixture(scope="module")
+def torch():
+  return require("torch", "diffusers' schedulers run on torch (pip install torch==2.13.0)")
+
+
+@pytest.fixture(scope="module")
+def diffusers(torch):
+  del torch  # diffusers' schedulers are dummies without it
+  return require("diffusers", "the reference schedulers (pip install diffusers==0.35.1)")
+
+
+def _ddim(diffusers, name: str, T: int = 1000, **kw):  # pylint: disable=invalid-name
   return diffusers.DDIMScheduler(
       num_train_timesteps=T, beta_schedule=name, clip_sample=False, **_SCHEDULE_KW[name], **kw
   )
@@ -53,8 +68,8 @@ def test_linear_and_cosine_closed_forms():
 
 
 @pytest.mark.parametrize("name", list(_SCHEDULE_KW))
-def test_schedules_match_diffusers(name):
-  d = _ddim(name)
+def test_schedules_match_diffusers(name, diffusers):
+  d = _ddim(diffusers, name)
   s = S.make_schedule(name, 1000, **_SCHEDULE_KW[name])
   np.testing.assert_allclose(s.betas, d.betas.numpy(), atol=1e-6, rtol=0)
   np.testing.assert_allclose(s.alphas_cumprod, d.alphas_cumprod.numpy(), atol=1e-6, rtol=0)
@@ -202,8 +217,9 @@ def test_drop_condition_and_landmarks():
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("n", [1, 10, 50, 37, 1000])
-def test_timesteps_match_diffusers(spacing, n):
-  d = _ddim("linear", timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+def test_timesteps_match_diffusers(spacing, n, diffusers):
+  d = _ddim(diffusers, "linear", timestep_spacing=spacing,
+            steps_offset=1 if spacing == "leading" else 0)
   d.set_timesteps(n)
   got = samplers.timesteps(1000, n, spacing, 1 if spacing == "leading" else 0)
   np.testing.assert_array_equal(got, d.timesteps.numpy())
@@ -229,10 +245,12 @@ def _toy_jnp(x, t):
         ("eps", "trailing", "linear", True),
     ],
 )
-def test_ddim_eta0_matches_diffusers_step_by_step(kind, spacing, name, alpha_one):
+def test_ddim_eta0_matches_diffusers_step_by_step(kind, spacing, name, alpha_one, diffusers,
+                                                  torch):
   n = 20
   pt = {"v": "v_prediction", "eps": "epsilon"}[kind]
-  d = _ddim(name, prediction_type=pt, set_alpha_to_one=alpha_one, timestep_spacing=spacing)
+  d = _ddim(diffusers, name, prediction_type=pt, set_alpha_to_one=alpha_one,
+            timestep_spacing=spacing)
   d.set_timesteps(n)
   x_T = np.random.default_rng(0).standard_normal((2, 4, 4, 3)).astype(np.float32)
   x = torch.from_numpy(x_T)
@@ -320,9 +338,8 @@ def test_cfg_scales_and_single_doubled_call():
 
 
 @pytest.mark.parametrize("phi", [0.0, 0.7, 1.0])
-def test_guidance_rescale_matches_diffusers(phi):
-  # pylint: disable-next=import-outside-toplevel
-  from diffusers.guiders.guider_utils import rescale_noise_cfg
+def test_guidance_rescale_matches_diffusers(phi, diffusers, torch):
+  rescale_noise_cfg = diffusers.guiders.guider_utils.rescale_noise_cfg
   rng = np.random.default_rng(0)
   cond_out = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
   guided = (4.0 * rng.normal(size=(3, 8, 8, 3)) + 0.5).astype(np.float32)

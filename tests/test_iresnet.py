@@ -8,7 +8,9 @@ face.evoLVe-style SE gate for the IR-SE variants). Parameter counts compare
 `num_batches_tracked`) with `parameter_count(..., batch_stats=True)`.
 """
 
+import functools
 import time
+import types
 
 from flax import nnx
 import jax
@@ -19,119 +21,140 @@ import pytest
 from vigface_jax import parallel
 from vigface_jax.models import iresnet
 
-torch = pytest.importorskip("torch")
-tnn = torch.nn
-
-
 # --- PyTorch reference (after insightface arcface_torch/backbones/iresnet.py) ---
 
-
-def conv3x3(in_planes, out_planes, stride=1):
-  return tnn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
-def conv1x1(in_planes, out_planes, stride=1):
-  return tnn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+# Built on first use, so that the tests that need no torch run without it: the tests that use
+# it ask for the `torch` fixture first. `benchmarks/fr_step.py` reads `TorchIResNet` (and may
+# read the other classes) off this module, which `__getattr__` below keeps working.
+_TORCH_NAMES = ("conv3x3", "conv1x1", "SEModule", "IBasicBlock", "TorchIResNet")
 
 
-class SEModule(tnn.Module):
-  """face.evoLVe `SEModule` (bottleneck max(1, C // reduction), as in the port)."""
+@functools.cache
+def _torch_reference() -> types.SimpleNamespace:
+  """The PyTorch classes of insightface's IResNet; imports torch."""
+  import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  tnn = torch.nn
 
-  def __init__(self, channels, reduction=16):
-    super().__init__()
-    hidden = max(1, channels // reduction)
-    self.avg_pool = tnn.AdaptiveAvgPool2d(1)
-    self.fc1 = tnn.Conv2d(channels, hidden, kernel_size=1, padding=0, bias=False)
-    self.relu = tnn.ReLU(inplace=True)
-    self.fc2 = tnn.Conv2d(hidden, channels, kernel_size=1, padding=0, bias=False)
-    self.sigmoid = tnn.Sigmoid()
+  def conv3x3(in_planes, out_planes, stride=1):
+    return tnn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
-  def forward(self, x):
-    s = self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
-    return x * s
+  def conv1x1(in_planes, out_planes, stride=1):
+    return tnn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+  class SEModule(tnn.Module):
+    """face.evoLVe `SEModule` (bottleneck max(1, C // reduction), as in the port)."""
+
+    def __init__(self, channels, reduction=16):
+      super().__init__()
+      hidden = max(1, channels // reduction)
+      self.avg_pool = tnn.AdaptiveAvgPool2d(1)
+      self.fc1 = tnn.Conv2d(channels, hidden, kernel_size=1, padding=0, bias=False)
+      self.relu = tnn.ReLU(inplace=True)
+      self.fc2 = tnn.Conv2d(hidden, channels, kernel_size=1, padding=0, bias=False)
+      self.sigmoid = tnn.Sigmoid()
+
+    def forward(self, x):
+      s = self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
+      return x * s
+
+  class IBasicBlock(tnn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, se=False):
+      super().__init__()
+      self.bn1 = tnn.BatchNorm2d(inplanes, eps=1e-05)
+      self.conv1 = conv3x3(inplanes, planes)
+      self.bn2 = tnn.BatchNorm2d(planes, eps=1e-05)
+      self.prelu = tnn.PReLU(planes)
+      self.conv2 = conv3x3(planes, planes, stride)
+      self.bn3 = tnn.BatchNorm2d(planes, eps=1e-05)
+      if se:
+        self.se = SEModule(planes)
+      self.downsample = downsample
+      self.stride = stride
+
+    def forward(self, x):
+      identity = x
+      out = self.bn1(x)
+      out = self.conv1(out)
+      out = self.bn2(out)
+      out = self.prelu(out)
+      out = self.conv2(out)
+      out = self.bn3(out)
+      if hasattr(self, "se"):
+        out = self.se(out)
+      if self.downsample is not None:
+        identity = self.downsample(x)
+      out += identity
+      return out
+
+  class TorchIResNet(tnn.Module):
+    fc_scale = 7 * 7
+
+    def __init__(self, layers, widths=(64, 128, 256, 512), se=False, dropout=0,
+                 num_features=512):
+      super().__init__()
+      self.inplanes = widths[0]
+      self.se = se
+      self.conv1 = tnn.Conv2d(3, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
+      self.bn1 = tnn.BatchNorm2d(self.inplanes, eps=1e-05)
+      self.prelu = tnn.PReLU(self.inplanes)
+      self.layer1 = self._make_layer(widths[0], layers[0], stride=2)
+      self.layer2 = self._make_layer(widths[1], layers[1], stride=2)
+      self.layer3 = self._make_layer(widths[2], layers[2], stride=2)
+      self.layer4 = self._make_layer(widths[3], layers[3], stride=2)
+      self.bn2 = tnn.BatchNorm2d(widths[3], eps=1e-05)
+      self.dropout = tnn.Dropout(p=dropout, inplace=True)
+      self.fc = tnn.Linear(widths[3] * self.fc_scale, num_features)
+      self.features = tnn.BatchNorm1d(num_features, eps=1e-05)
+      tnn.init.constant_(self.features.weight, 1.0)
+      self.features.weight.requires_grad = False
+
+    def _make_layer(self, planes, blocks, stride=1):
+      downsample = None
+      if stride != 1 or self.inplanes != planes:
+        downsample = tnn.Sequential(
+            conv1x1(self.inplanes, planes, stride), tnn.BatchNorm2d(planes, eps=1e-05))
+      layers = [IBasicBlock(self.inplanes, planes, stride, downsample, self.se)]
+      self.inplanes = planes
+      for _ in range(1, blocks):
+        layers.append(IBasicBlock(self.inplanes, planes, se=self.se))
+      return tnn.Sequential(*layers)
+
+    def forward(self, x):
+      x = self.prelu(self.bn1(self.conv1(x)))
+      x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+      x = self.bn2(x)
+      x = torch.flatten(x, 1)
+      x = self.dropout(x)
+      return self.features(self.fc(x))
+
+  return types.SimpleNamespace(conv3x3=conv3x3, conv1x1=conv1x1, SEModule=SEModule,
+                               IBasicBlock=IBasicBlock, TorchIResNet=TorchIResNet)
 
 
-class IBasicBlock(tnn.Module):
-  expansion = 1
-
-  def __init__(self, inplanes, planes, stride=1, downsample=None, se=False):
-    super().__init__()
-    self.bn1 = tnn.BatchNorm2d(inplanes, eps=1e-05)
-    self.conv1 = conv3x3(inplanes, planes)
-    self.bn2 = tnn.BatchNorm2d(planes, eps=1e-05)
-    self.prelu = tnn.PReLU(planes)
-    self.conv2 = conv3x3(planes, planes, stride)
-    self.bn3 = tnn.BatchNorm2d(planes, eps=1e-05)
-    if se:
-      self.se = SEModule(planes)
-    self.downsample = downsample
-    self.stride = stride
-
-  def forward(self, x):
-    identity = x
-    out = self.bn1(x)
-    out = self.conv1(out)
-    out = self.bn2(out)
-    out = self.prelu(out)
-    out = self.conv2(out)
-    out = self.bn3(out)
-    if hasattr(self, "se"):
-      out = self.se(out)
-    if self.downsample is not None:
-      identity = self.downsample(x)
-    out += identity
-    return out
+def __getattr__(name: str):
+  """`TorchIResNet` & co., built (and torch imported) on first access."""
+  if name in _TORCH_NAMES:
+    return getattr(_torch_reference(), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class TorchIResNet(tnn.Module):
-  fc_scale = 7 * 7
-
-  def __init__(self, layers, widths=(64, 128, 256, 512), se=False, dropout=0,
-               num_features=512):
-    super().__init__()
-    self.inplanes = widths[0]
-    self.se = se
-    self.conv1 = tnn.Conv2d(3, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(self.inplanes, eps=1e-05)
-    self.prelu = tnn.PReLU(self.inplanes)
-    self.layer1 = self._make_layer(widths[0], layers[0], stride=2)
-    self.layer2 = self._make_layer(widths[1], layers[1], stride=2)
-    self.layer3 = self._make_layer(widths[2], layers[2], stride=2)
-    self.layer4 = self._make_layer(widths[3], layers[3], stride=2)
-    self.bn2 = tnn.BatchNorm2d(widths[3], eps=1e-05)
-    self.dropout = tnn.Dropout(p=dropout, inplace=True)
-    self.fc = tnn.Linear(widths[3] * self.fc_scale, num_features)
-    self.features = tnn.BatchNorm1d(num_features, eps=1e-05)
-    tnn.init.constant_(self.features.weight, 1.0)
-    self.features.weight.requires_grad = False
-
-  def _make_layer(self, planes, blocks, stride=1):
-    downsample = None
-    if stride != 1 or self.inplanes != planes:
-      downsample = tnn.Sequential(
-          conv1x1(self.inplanes, planes, stride), tnn.BatchNorm2d(planes, eps=1e-05))
-    layers = [IBasicBlock(self.inplanes, planes, stride, downsample, self.se)]
-    self.inplanes = planes
-    for _ in range(1, blocks):
-      layers.append(IBasicBlock(self.inplanes, planes, se=self.se))
-    return tnn.Sequential(*layers)
-
-  def forward(self, x):
-    x = self.prelu(self.bn1(self.conv1(x)))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    x = self.bn2(x)
-    x = torch.flatten(x, 1)
-    x = self.dropout(x)
-    return self.features(self.fc(x))
+@pytest.fixture(scope="module")
+def torch():
+  # Imported here: benchmarks/fr_step.py imports this module outside pytest, without conftest.
+  from conftest import require  # pylint: disable=g-import-not-at-top
+  return require("torch", "the PyTorch IResNet reference (pip install torch==2.13.0)")
 
 
 def _torch_model(variant: str) -> "TorchIResNet":
   v = iresnet.VARIANTS[variant]
-  return TorchIResNet(v.layers, v.widths, v.se)
+  return _torch_reference().TorchIResNet(v.layers, v.widths, v.se)
 
 
 def _randomise(model, seed: int):
   """Random weights with non-trivial BN statistics and PReLU slopes."""
+  import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -163,6 +186,7 @@ def _embed(model, x):
 
 
 def _parity(variant: str, batch: int, seed: int) -> float:
+  import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
   tmodel = _randomise(_torch_model(variant), seed)
   images = np.random.default_rng(seed).integers(0, 256, (batch, 112, 112, 3), dtype=np.uint8)
   x = (images.astype(np.float32) / 255.0 - 0.5) / 0.5
@@ -221,7 +245,7 @@ def test_logical_axes():
 
 
 @pytest.mark.parametrize("variant", ["r18", "r50", "r100", "ir_se50"])
-def test_parameter_count_matches_pytorch(variant):
+def test_parameter_count_matches_pytorch(variant, torch):
   with torch.device("meta"):  # shapes only: no memory, no initialisation cost
     tmodel = _torch_model(variant)
   n_params = sum(p.numel() for p in tmodel.parameters())
@@ -235,20 +259,23 @@ def test_parameter_count_matches_pytorch(variant):
 
 
 @pytest.mark.parametrize("variant", ["tiny", "tiny_se"])
-def test_converter_parity_tiny(variant):
+def test_converter_parity_tiny(variant, torch):
+  del torch  # _parity uses it
   err = _parity(variant, batch=3, seed=0)
   print(f"{variant}: max |l2(jax) - l2(torch)| = {err:.2e}")
   assert err < 1e-4
 
 
-def test_converter_parity_r18():
+def test_converter_parity_r18(torch):
+  del torch  # _parity uses it
   start = time.time()
   err = _parity("r18", batch=1, seed=1)
   print(f"r18: max |l2(jax) - l2(torch)| = {err:.2e} ({time.time() - start:.1f} s)")
   assert err < 1e-4
 
 
-def test_state_dict_errors_name_the_key():
+def test_state_dict_errors_name_the_key(torch):
+  del torch  # _torch_model uses it
   tmodel = _torch_model("tiny")
   sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
   model = iresnet.IResNet("tiny", rngs=nnx.Rngs(0))

@@ -22,6 +22,9 @@ from skimage import data as skdata
 from vigface_jax.data import landmarks as lm
 from vigface_jax.models import onet
 
+from conftest import missing
+from conftest import require
+
 # Hand-placed five points of the face in `skimage.data.astronaut()` (512x512), (x, y) with
 # pixel centres at integers, ArcFace order: iris centres, nose tip (the lowest point of the
 # bulb's highlight), outer corners where the lips meet. Read off 8-10x enlargements with a
@@ -41,20 +44,10 @@ def _onet_pt_path():
   return path if os.path.isfile(path) else None
 
 
-def _missing(msg: str):
-  # CI installs both (.ci/run); there a missing one is a broken setup, not a reason to skip.
-  if os.environ.get("CI"):
-    pytest.fail(msg)
-  pytest.skip(msg)
-
-
+# CI installs both (.ci/run); there `missing`/`require` fail instead of skipping.
 @pytest.fixture(scope="module")
 def torch():
-  try:
-    import torch as torch_module  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    _missing("torch is needed to read facenet-pytorch's onet.pt (pip install torch==2.13.0)")
-  return torch_module
+  return require("torch", "needed to read facenet-pytorch's onet.pt (pip install torch==2.13.0)")
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +55,8 @@ def onet_pt(torch):
   del torch
   path = _onet_pt_path()
   if path is None:
-    _missing("facenet_pytorch/data/onet.pt not found "
-             "(pip install --no-deps facenet-pytorch==2.6.0)")
+    missing("facenet_pytorch/data/onet.pt not found "
+            "(pip install --no-deps facenet-pytorch==2.6.0)")
   return path
 
 
