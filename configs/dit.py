@@ -14,17 +14,12 @@ Variants (`--config=configs/dit.py:<variant>`):
            keeps attention cheap at full resolution; DiT-L/8 is the larger option), v-prediction,
            cosine schedule T = 1000, AdamW lr 1e-4, EMA 0.9999, global batch 256, condition
            dropout 0.1, identity-loss weight 0.05 on t < 300, DDIM 50 steps with guidance 4.0.
-  demo     procedural faces (the data of `configs/fr.py:demo`), a small DiT with 16×16 patches
-           scanned over depth and cross-faded 4-pixel output margins, the landmark image plus
-           two blurred copies (σ = 6, 16 px), x0-prediction, 1,800 steps of 32 for a 2-core
-           CPU (22–26 min to the last step, depending on the machine), then the sheet and the
-           evaluations at guidance 4.0 (guided on t ∈ [150, 880], rescale 0.7, DDIM η = 1)
-           and a sheet and identity figures at 1.0 (4–5 min). Measured (28 min 17 s in all):
-           samples from 200 real rows identified as their own identity among 800 94.5% top-1
-           at guidance 4.0, 93.5% at 1.0; drawn with left- and right-turned landmark sets,
-           the faces turn the right way in 92% of pairs and 0.35 as much as real faces;
-           moved dots move them all the way (1.00 horizontally and vertically). The samples
-           are blurry faces, see README "Stage 2".
+  demo     procedural faces (the data of `configs/fr.py:demo`) on a 2-core CPU in about half
+           an hour: a small DiT with 16×16 patches scanned over depth and cross-faded 4-pixel
+           output margins, the landmark image plus two blurred copies, x0-prediction, 1,800
+           steps of 32, then the sheet and the evaluations at guidance 4.0 (guided on an
+           interval, rescaled, DDIM η = 1) and a sheet and identity figures at 1.0. README
+           "Stage 2" has what it measured and why each setting is what it is.
   tiny     seconds, for tests.
 """
 
@@ -49,34 +44,31 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.stage1 = config_dict.ConfigDict()
   config.stage1.workdir = config_dict.placeholder(str)  # a finished configs/fr.py run
 
-  config.data = config_dict.ConfigDict()
-  config.data.source = "procedural" if small else "recordio"
-  config.data.path = config_dict.placeholder(str)
-  config.data.seed = 0  # for procedural faces: must equal the stage-1 run's data.seed
-  config.data.global_batch_size = 4 if tiny else (32 if demo else 256)
-  config.data.flip_prob = 0.5
-  config.data.worker_count = 0 if small else 8
-  config.data.read_threads = 0 if small else 16
-  config.data.num_identities = 16 if tiny else 800  # procedural: as in configs/fr.py
-  config.data.images_per_identity = 8 if tiny else 24
-  config.data.cache = small
+  # Every field: config_lib.data_config. For procedural faces data.seed, num_identities and
+  # images_per_identity must equal the stage-1 run's (the labels index its rows).
+  config.data = config_lib.data_config(
+      source="procedural" if small else "recordio",
+      global_batch_size=4 if tiny else (32 if demo else 256),
+      worker_count=0 if small else 8, read_threads=0 if small else 16,
+      num_identities=16 if tiny else 800, images_per_identity=8 if tiny else 24, cache=small)
 
   config.model = config_dict.ConfigDict()
   config.model.variant = "tiny" if tiny else ("small" if demo else "B")  # dit.VARIANTS
   config.model.patch_size = 16 if small else 8  # must divide 112
   config.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU
   config.model.remat = False  # rematerialise blocks (memory for compute)
-  # lax.scan over depth: compile time of deep models, and on XLA:CPU a faster backward pass
-  # (benchmarks/dit_step.py: the demo's DiT step 0.553 s scanned, 0.714 s unrolled).
+  # lax.scan over depth: shorter compiles of deep models, and on XLA:CPU a faster backward
+  # pass (BENCHMARKS.md times both).
   config.model.scan_blocks = demo
   # Each token draws its patch plus `output_overlap` pixels around it, cross-faded with its
   # neighbours (dit.fold_patches): with 16×16 patches an undertrained DiT otherwise draws a
   # mosaic with a step at every patch border. 0 = DiT's unpatchify (the default's 8×8 patches).
   config.model.output_overlap = 4 if small else 0
   # σ (pixels) of Gaussian-blurred copies of the landmark image given to the DiT as extra
-  # input channels (train/dit.py landmark_fields); () = the landmark image alone (the paper).
+  # input channels (models/stage2.py landmark_fields): with large patches only the token
+  # holding a landmark's dot would see it. () = the landmark image alone (the paper).
   config.model.landmark_blur = (6.0, 16.0) if small else ()
-  config.model.num_real = config_dict.placeholder(int)
+  config.model.num_real = config_dict.placeholder(int)  # None: the source's num_classes
 
   config.diffusion = config_dict.ConfigDict()
   config.diffusion.schedule = "cosine"  # cosine | linear
@@ -87,54 +79,42 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # Denoising Generative Models Denoise"). DiT-B/8 (768 wide, 192 values per patch) keeps the
   # paper's v-prediction.
   config.diffusion.prediction = "x0" if small else "v"
-  # none | min_snr | snr | v ('v' on an x0 prediction = JiT's x-prediction + v-loss, capped at
-  # γ; on the demo it measured worse: 22% top-1 at step 1,000 with γ = 100 against 57% with
-  # none, both with identity weight 0.2 on t ≤ 500).
+  # none | min_snr | snr | v ('v' on an x0 prediction = JiT's x-prediction with a v-loss,
+  # capped at snr_gamma).
   config.diffusion.weighting = "none"
   config.diffusion.snr_gamma = 5.0  # γ: cap of 'v', γ of 'min_snr'
   config.diffusion.cond_drop = 0.1  # row → zero vector (classifier-free guidance)
-  config.diffusion.landmark_drop = 0.0
-  # ‖f_FR(x̂0) − w‖², 0 to disable. Larger weights buy identity at the cost of the image: on
-  # the demo, 0.2 on t ≤ 500 reached 71.5% top-1 at step 1,000 with samples that are
-  # identity-coloured textures that fool the FR network, not faces (README "Stage 2").
+  config.diffusion.landmark_drop = 0.0  # landmark image → empty image, with this probability
+  # ‖f_FR(x̂0) − w‖², 0 to disable. Larger weights buy identity at the cost of the image: the
+  # samples become identity-coloured textures that fool the FR network (README "Stage 2").
   config.diffusion.id_loss_weight = 0.05
   config.diffusion.id_loss_max_t = 300  # identity loss only on t ≤ this
 
-  steps = 4 if tiny else (1_800 if demo else 200_000)
-  config.optim = config_dict.ConfigDict()
-  config.optim.name = "adamw"
-  config.optim.lr = 3e-4 if small else 1e-4
-  config.optim.weight_decay = 0.0
-  config.optim.schedule = "constant"
-  config.optim.warmup_steps = 0 if tiny else (100 if demo else 5_000)
-  config.optim.grad_clip_norm = 1.0
+  # Every field: config_lib.optim_config.
+  config.optim = config_lib.optim_config(
+      name="adamw", lr=3e-4 if small else 1e-4, weight_decay=0.0, schedule="constant",
+      warmup_steps=0 if tiny else (100 if demo else 5_000), grad_clip_norm=1.0)
 
-  config.train = config_dict.ConfigDict()
-  config.train.num_steps = steps
-  config.train.seed = 0
-  config.train.log_every = 2 if tiny else (50 if demo else 100)
-  config.train.checkpoint_every = 2 if tiny else (900 if demo else 5_000)
-  config.train.keep_checkpoints = 3
-  config.train.async_checkpoint = True
-  config.train.ema_decay = 0.999 if small else 0.9999
-  config.train.ema_warmup = True  # decay min(ema_decay, (1 + t) / (10 + t))
-  config.train.profile_steps = ()
+  # Every field: config_lib.train_config.
+  config.train = config_lib.train_config(
+      num_steps=4 if tiny else (1_800 if demo else 200_000),
+      log_every=2 if tiny else (50 if demo else 100),
+      checkpoint_every=2 if tiny else (900 if demo else 5_000),
+      ema_decay=0.999 if small else 0.9999,
+      ema_warmup=True)  # decay min(ema_decay, (1 + t) / (10 + t))
 
+  # The sampler every stage-2 evaluator draws with (generate/sampling.py).
   config.sample = config_dict.ConfigDict()
-  # 0: only at the end (the demo: a mid-run sheet and evaluations would cost minutes of its 30).
-  config.sample.every = 0 if small else 10_000
   config.sample.num_steps = 2 if tiny else 50  # DDIM steps
-  # η = 1 (DDPM-like noise at every step) gives the demo's young model cleaner faces and
-  # better identity than deterministic DDIM: 91.0% top-1 against 87.0% on one checkpoint of
-  # an earlier demo model (before `model.landmark_blur`).
+  # DDIM η (0 = deterministic; 1 = DDPM-like noise at every step, which the demo's young
+  # model draws cleaner faces with).
   config.sample.eta = 1.0 if small else 0.0
   config.sample.spacing = "trailing"  # leading | trailing | linspace
-  config.sample.guidance = 4.0
+  config.sample.guidance = 4.0  # classifier-free guidance scale (the paper's 4.0)
   # Guide only at timesteps t_lo ≤ t ≤ t_hi, conditional elsewhere (Kynkäänniemi et al.
   # 2024); None = every step, as the paper. The demo's (150, 880) is σ ∈ (0.25, 5.3] on the
-  # cosine schedule, about EDM2's interval: on an earlier demo checkpoint it lifted top-1 at
-  # 4.0 from 70.5% to 88.5% and removed the repeated eye-like texture that guidance at t < 150
-  # paints.
+  # cosine schedule, about EDM2's interval; guidance at t < 150 paints a young model's faces
+  # with repeated eye-like texture.
   config.sample.guidance_interval = (150, 880) if small else config_dict.placeholder(tuple)
   # φ of Lin et al. 2023 (diffusers' guidance_rescale): pulls the guided prediction's spread
   # back to the conditional one's, against over-saturation; 0 = off, the paper.
@@ -144,17 +124,31 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # s_p · (conditional − typical-pose). A negative condition with its own scale; it costs a
   # third batch per step.
   config.sample.pose_guidance = 0.0
-  # Extra scales, at the end of training only: a sheet and the identity metrics each
-  # (`guidance_sweep/*`). A young model such as the demo's draws cleaner, better identified
-  # faces below the paper's 4.0, which oversaturates it.
-  config.sample.guidance_sweep = (1.0,) if small else ()
-  config.sample.seed = 0
-  config.sample.sheet_identities = 2 if tiny else 8  # sample sheet rows
-  config.sample.sheet_landmarks = 2 if tiny else 6  # sample sheet columns (landmark sets)
-  config.sample.eval_identities = 4 if tiny else 200  # identity-consistency evaluation
-  config.sample.batch_size = 4 if tiny else 50
-  # Landmark following (`landmarks/*`): rows drawn with their landmark set moved by ±shift px
-  # (same noise); the faces' measured displacement / the dots' (1 = follows, 0 = ignores).
-  config.sample.follow_shift = 8.0  # 0 = off
-  config.sample.follow_identities = 2 if tiny else (25 if demo else 100)
+  config.sample.seed = 0  # noise seeds of every evaluator derive from it
+  # Landmark sets of the sheet's columns, spread over the data's poses; the identity
+  # evaluation cycles through them.
+  config.sample.sheet_landmarks = 2 if tiny else 6
+  config.sample.batch_size = 4 if tiny else 50  # images per sampler call
+
+  # Evaluators (evaluate/evaluators.py): every = steps between runs, 0 = only at the end
+  # (the demo: a mid-run evaluation would cost minutes of its half hour), -1 = off.
+  every = 0 if small else 10_000
+  sheet_rows, eval_rows = (2, 4) if tiny else (8, 200)
+  config.evals = config_dict.ConfigDict()
+  config.evals.samples = config_dict.ConfigDict({
+      "type": "sample_sheet", "every": every,
+      "identities": sheet_rows})  # sheet rows (real rows × sheet_landmarks columns)
+  config.evals.identity = config_dict.ConfigDict({
+      "type": "identity", "every": every,
+      "identities": eval_rows})  # real rows drawn and identified among all rows
+  # Landmark following: each row drawn with the most left- and right-turned landmark sets of
+  # the training data, and with its landmark set moved by ±shift px (0 = no translation).
+  config.evals.landmarks = config_dict.ConfigDict({
+      "type": "landmark_following", "every": every,
+      "identities": 2 if tiny else (25 if demo else 100), "shift": 8.0})
+  # At the end only: a sheet and the identity figures at each scale (a young model such as
+  # the demo's draws cleaner, better identified faces below the paper's 4.0).
+  config.evals.guidance_sweep = config_dict.ConfigDict({
+      "type": "guidance_sweep", "every": 0, "scales": (1.0,) if small else (),
+      "sheet_identities": sheet_rows, "eval_identities": eval_rows})
   return config

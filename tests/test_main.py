@@ -14,6 +14,7 @@ from configs import preview as preview_config
 from vigface_jax import config_lib
 from vigface_jax import main as main_lib
 from vigface_jax import metrics
+from vigface_jax import tasks
 from vigface_jax.data import landmarks
 from vigface_jax.evaluate import verification
 
@@ -33,17 +34,17 @@ def test_unknown_task_and_missing_required_field_are_named(monkeypatch):
   config = preview_config.get_config("tiny")
   config.task = "nope"
   with pytest.raises(main_lib.ConfigError, match=r"unknown task config.task='nope'.*preview"):
-    main_lib.resolve_task(config)
+    tasks.resolve_task(config)
   config.task = "preview"
   monkeypatch.setattr("vigface_jax.preview.REQUIRED_FIELDS", ("pairs.num_pairs", "data.path"),
                       raising=False)
   with pytest.raises(main_lib.ConfigError, match="'data.path' is missing"):
-    main_lib.resolve_task(config)
+    tasks.resolve_task(config)
   config.unlock()
   config.data = {"path": None}
   with pytest.raises(main_lib.ConfigError,
                      match=r"'data.path' is required for task 'preview'.*--config.data.path="):
-    main_lib.resolve_task(config)
+    tasks.resolve_task(config)
 
 
 def test_metric_writer_and_summary(tmp_path):

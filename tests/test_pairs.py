@@ -1,4 +1,4 @@
-"""Verification pairs over held-out procedural identities (data/pairs.py)."""
+"""Verification pairs over held-out procedural identities (evaluate/pairs.py)."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vigface_jax.data import faces
-from vigface_jax.data import pairs
+from vigface_jax.evaluate import pairs
 from vigface_jax.evaluate import verification
 
 SPEC = pairs.PairSpec(seed=3, num_pairs=40, num_folds=10, identities_per_fold=6,

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from vigface_jax import config_lib
 from vigface_jax import parallel
 from vigface_jax.data import landmarks
 from vigface_jax.data import pipeline
@@ -167,11 +168,9 @@ def test_resume_from_state_continues_exactly(worker_count):
 def test_make_pipeline_from_config(monkeypatch):
   monkeypatch.setitem(
       pipeline.SOURCES, "tiny", lambda data: TinyFaceSource(data.num_records))
-  config = ml_collections.ConfigDict({"data": {
-      "source": "tiny", "num_records": 16, "global_batch_size": 4, "seed": 1,
-      "shuffle": True, "num_epochs": 1, "worker_count": 0,
-      "worker_buffer_size": 2, "flip_prob": 0.5,
-  }})
+  data = config_lib.data_config(source="tiny", global_batch_size=4, seed=1, num_epochs=1)
+  data.num_records = 16  # the test source's own field
+  config = ml_collections.ConfigDict({"data": data})
   batches = list(pipeline.make_pipeline(config, _single_device_mesh()))
   assert len(batches) == 4  # one epoch of 16 records
   _assert_spec(batches[0], 4)
@@ -187,10 +186,8 @@ def test_build_source_unknown_source():
 
 
 def test_procedural_source_through_the_pipeline():
-  data = ml_collections.ConfigDict({
-      "source": "procedural", "seed": 0, "num_identities": 3,
-      "images_per_identity": 2, "identity_offset": 0,
-  })
+  data = config_lib.data_config(source="procedural", seed=0, num_identities=3,
+                                images_per_identity=2)
   source = pipeline.build_source(data)
   assert len(source) == 6
   loader = pipeline.make_loader(source, global_batch_size=2, seed=0)

@@ -18,8 +18,10 @@ import pytest
 
 from conftest import run_on_fake_devices
 from configs import fr as fr_config
+from vigface_jax import config_lib
 from vigface_jax import parallel
 from vigface_jax.data import pipeline
+from vigface_jax.evaluate import common
 from vigface_jax.evaluate import embed as embed_lib
 from vigface_jax.evaluate import verification
 from vigface_jax.train import fr
@@ -30,10 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _optim(**kw) -> config_dict.ConfigDict:
-  base = dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, schedule="constant",
-              warmup_steps=0)
-  base.update(kw)
-  return config_dict.ConfigDict(base)
+  return config_lib.optim_config(**kw)
 
 
 def test_schedules():
@@ -85,11 +84,14 @@ def _toy_loss(model, batch, rng):
 
 
 def _toy_config(num_steps, **train):
-  return config_dict.ConfigDict({
-      "optim": dict(_optim(lr=0.05)),
-      "train": {**dict(num_steps=num_steps, seed=3, log_every=1, checkpoint_every=1,
-                       keep_checkpoints=5, async_checkpoint=False), **train},
+  config = config_dict.ConfigDict({
+      "optim": _optim(lr=0.05),
+      "train": config_lib.train_config(**{**dict(num_steps=num_steps, seed=3, log_every=1,
+                                                 checkpoint_every=1, keep_checkpoints=5,
+                                                 async_checkpoint=False), **train}),
   })
+  config_lib.add_parallelism(config)
+  return config
 
 
 def _toy_batches(scales):
@@ -150,7 +152,7 @@ def test_failing_end_hook_keeps_the_last_checkpoint_and_a_rerun_evaluates_it(tmp
   def fit(hook, num_steps=3):
     return loop.fit(_toy_config(num_steps, checkpoint_every=0), str(tmp_path), mesh=_mesh(),
                     create_model=_Toy, loss_fn=_toy_loss, data=_toy_batches([1] * num_steps),
-                    images_per_step=4, hooks=[loop.Hook("eval", 0, hook)])
+                    images_per_step=4, evaluators=[common.FunctionEvaluator("eval", 0, hook)])
 
   with pytest.raises(RuntimeError, match="evaluation broke"):
     fit(failing)
@@ -168,8 +170,8 @@ def test_failing_end_hook_keeps_the_last_checkpoint_and_a_rerun_evaluates_it(tmp
 def _tiny(workdir_eval: bool = False) -> config_dict.ConfigDict:
   config = fr_config.get_config("tiny")
   if not workdir_eval:
-    config.eval.procedural_pairs = None
-    config.eval.baselines = False
+    config.evals.verify.procedural_pairs = None
+    config.evals.verify.baselines = False
   return config
 
 
@@ -298,7 +300,7 @@ def train(shape):
   config.train.checkpoint_every = 0
   mesh = parallel.mesh_from_config(config)
   data = pipeline.make_pipeline(config, mesh)
-  create = functools.partial(fr.FaceRecognizer, config.model, 16, 16, margin_name="arcface")
+  create = fr.create_model(config, 16, 16)
   loss_fn = functools.partial(fr.fr_loss, cfg=config, logits_sharding=parallel.logical_sharding(
       mesh, ("batch", "classes")))
   import tempfile

@@ -15,8 +15,10 @@ from configs import dit as dit_config
 from configs import fr as fr_config
 from test_train import _checkpoint_tree, _Crash, _CrashingIterator
 from vigface_jax import config_lib
+from vigface_jax.data import landmarks as landmarks_lib
 from vigface_jax.data import pipeline
 from vigface_jax.evaluate import embed as embed_lib
+from vigface_jax.models import stage2
 from vigface_jax.train import dit
 from vigface_jax.train import fr
 
@@ -25,8 +27,8 @@ from vigface_jax.train import fr
 def stage1(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("stage1"))
   config = fr_config.get_config("tiny")
-  config.eval.procedural_pairs = None
-  config.eval.baselines = False
+  config.evals.verify.procedural_pairs = None
+  config.evals.verify.baselines = False
   fr.run(config, workdir)
   return workdir
 
@@ -56,7 +58,7 @@ def test_stage2_trains_samples_and_keeps_stage1_frozen(stage1, tmp_path):
   config = _tiny(stage1)
   # The sweep re-runs the main scale (same rows, landmarks, seeds: the same images and
   # metrics) and one other scale.
-  config.sample.guidance_sweep = (config.sample.guidance, 1.0)
+  config.evals.guidance_sweep.scales = (config.sample.guidance, 1.0)
   config.sample.pose_guidance = 1.0  # the sampler's third (typical-pose) batch
   summary = dit.run(config, workdir)
   samples = os.path.join(workdir, "samples")
@@ -92,11 +94,12 @@ def test_stage2_trains_samples_and_keeps_stage1_frozen(stage1, tmp_path):
 
 def test_stage2_two_steps_crash_resume_equals_four(stage1, tmp_path, monkeypatch):
   config = _tiny(stage1)
-  config.sample.every = 0
-  # No sheet rows, evaluation rows or following pairs: those hooks are left out.
-  config.sample.sheet_identities = 0
-  config.sample.eval_identities = 0
-  config.sample.follow_identities = 0
+  # No sheet rows, evaluation rows or following pairs: those evaluators are left out, and
+  # the sweep is switched off.
+  config.evals.samples.identities = 0
+  config.evals.identity.identities = 0
+  config.evals.landmarks.identities = 0
+  config.evals.guidance_sweep.every = -1
   straight = str(tmp_path / "straight")
   summary = dit.run(config, straight)
   assert not os.path.exists(os.path.join(straight, "samples"))
@@ -119,8 +122,8 @@ def test_stage2_two_steps_crash_resume_equals_four(stage1, tmp_path, monkeypatch
 @pytest.mark.parametrize("sweep", [("strong",), (1.0, float("nan"))])
 def test_bad_guidance_sweep_names_the_field(tmp_path, sweep):
   config = dit_config.get_config("tiny")
-  config.sample.guidance_sweep = sweep
-  with pytest.raises(config_lib.ConfigError, match="sample.guidance_sweep"):
+  config.evals.guidance_sweep.scales = sweep
+  with pytest.raises(config_lib.ConfigError, match="evals.guidance_sweep.scales"):
     dit.run(config, str(tmp_path))
 
 
@@ -140,12 +143,18 @@ def test_bad_pose_guidance_names_the_field(tmp_path, scale):
     dit.run(config, str(tmp_path))
 
 
-@pytest.mark.parametrize("field,value", [("sheet_landmarks", 0), ("eval_identities", -1),
-                                         ("batch_size", 0)])
+@pytest.mark.parametrize("field,value", [("sample.sheet_landmarks", 0),
+                                         ("evals.identity.identities", -1),
+                                         ("sample.batch_size", 0), ("evals.samples.every", -2),
+                                         ("evals.landmarks.shift", -1.0)])
 def test_bad_sample_counts_name_the_field(tmp_path, field, value):
   config = dit_config.get_config("tiny")
-  config.sample[field] = value
-  with pytest.raises(config_lib.ConfigError, match=f"sample.{field}"):
+  section, key = field.rsplit(".", 1)
+  node = config
+  for part in section.split("."):
+    node = node[part]
+  node[key] = value
+  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
     dit.run(config, str(tmp_path))
 
 
@@ -158,10 +167,10 @@ def test_bad_landmark_blur_names_the_field(tmp_path, blur):
 
 
 def test_landmark_fields_spread_each_point_where_it_is():
-  points = np.asarray(dit.landmarks_lib.ARCFACE_TEMPLATE, np.float32)[None]
-  image = jnp.asarray(dit._model_landmarks(points))
-  assert dit.landmark_fields(image, ()) == []
-  near, far = dit.landmark_fields(image, (4.0, 12.0))
+  points = np.asarray(landmarks_lib.ARCFACE_TEMPLATE, np.float32)[None]
+  image = jnp.asarray(stage2.model_landmarks(points))
+  assert stage2.landmark_fields(image, ()) == []
+  near, far = stage2.landmark_fields(image, (4.0, 12.0))
   for field in (near, far):
     assert field.shape == image.shape and float(field.min()) >= -1.0
   near = (np.asarray(near[0]) + 1) / 2  # blurred dot density
@@ -178,105 +187,14 @@ def test_landmark_fields_spread_each_point_where_it_is():
   # The DiT sees 6 + 3 per σ channels.
   cfg = dit_config.get_config("tiny")
   cfg.model.landmark_blur = (4.0, 12.0)
-  model = dit.Stage2(cfg, {"arch": "tiny", "embed_dim": 32, "input_size": 32}, 4,
-                     rngs=nnx.Rngs(0))
+  model = dit.create_model(cfg, {"arch": "tiny", "embed_dim": 32, "input_size": 32}, 4)(
+      rngs=nnx.Rngs(0))
   assert model.dit.in_channels == 12
   channels = model.landmark_channels(image)
   assert channels.shape == (1, 112, 112, 9)
   np.testing.assert_array_equal(channels[..., :3], image)
   out = model.denoise(jnp.zeros((1, 112, 112, 3)), jnp.asarray([5]), jnp.zeros((1, 32)), channels)
   assert out.shape == (1, 112, 112, 3)
-
-
-def test_estimate_shift_recovers_translations():
-  rng = np.random.default_rng(0)
-  # Smooth random images (a face-like spectrum), moved by known offsets with edge padding.
-  noise = rng.normal(size=(3, 128, 128, 3)).astype(np.float32)
-  kernel = np.exp(-0.5 * (np.arange(-8, 9) / 3.0) ** 2)
-  smooth = np.apply_along_axis(lambda v: np.convolve(v, kernel, "same"), 1, noise)
-  smooth = np.apply_along_axis(lambda v: np.convolve(v, kernel, "same"), 2, smooth)[:, 8:120, 8:120]
-  offsets = np.array([[5, -3], [-8, 0], [0, 7]])
-  padded = np.pad(smooth, ((0, 0), (8, 8), (8, 8), (0, 0)), mode="edge")
-  moved = np.stack([p[8 - dy:120 - dy, 8 - dx:120 - dx] for p, (dx, dy) in zip(padded, offsets)])
-  np.testing.assert_allclose(dit.estimate_shift(smooth, moved), offsets, atol=0.35)
-  np.testing.assert_allclose(dit.estimate_shift(moved, smooth), -offsets, atol=0.35)
-  np.testing.assert_allclose(dit.estimate_shift(smooth, smooth), 0.0, atol=1e-6)
-
-
-def test_fixed_landmarks_spread_over_poses():
-  from vigface_jax.data import landmarks as landmarks_lib  # pylint: disable=import-outside-toplevel
-  template = np.asarray(landmarks_lib.ARCFACE_TEMPLATE, np.float32)
-  # 40 near-frontal faces, two far poses (nose left / right) and one image without landmarks.
-  rng = np.random.default_rng(0)
-  source = [{"landmarks": template + rng.normal(0, 0.5, template.shape).astype(np.float32),
-             "has_landmarks": True} for _ in range(40)]
-  left, right = template.copy(), template.copy()
-  left[2, 0] -= 15
-  right[2, 0] += 15
-  source += [{"landmarks": left, "has_landmarks": True},
-             {"landmarks": right, "has_landmarks": True},
-             {"landmarks": template + 40, "has_landmarks": False}]
-  points = dit.fixed_landmarks(source, 3, seed=0)
-  assert points.shape == (3, 5, 2)
-  assert np.abs(points[0] - template).max() < 2.5  # the typical pose first
-  extremes = sorted(float(p[2, 0] - template[2, 0]) for p in points[1:])
-  np.testing.assert_allclose(extremes, [-15.0, 15.0])  # then the farthest poses
-  assert not np.any(points > 100)  # the image without landmarks is never used
-  np.testing.assert_array_equal(points, dit.fixed_landmarks(source, 3, seed=0))
-  # More columns than candidates repeat the typical pose; no landmarks at all: the template.
-  np.testing.assert_array_equal(dit.fixed_landmarks(source[40:42], 4, seed=1)[2:], [
-      dit.fixed_landmarks(source[40:42], 4, seed=1)[0]] * 2)
-  np.testing.assert_array_equal(dit.fixed_landmarks(source[42:], 2, seed=0),
-                                np.stack([template] * 2))
-
-
-def test_pose_probe_reads_the_turn_of_procedural_faces():
-  from vigface_jax.data import faces  # pylint: disable=import-outside-toplevel
-  source = faces.ProceduralFaceSource(seed=0, num_identities=100, images_per_identity=4)
-  found = dit._with_landmarks(source, 400, seed=1)  # pylint: disable=protected-access
-  images = np.stack([e["image"] for e in found])
-  points = np.stack([e["landmarks"] for e in found])
-  probe = dit.PoseProbe(images, points)
-  assert probe.r2 > 0.5  # 0.68 measured
-  # Mirror images read as the opposite turn, exactly, whatever the weights.
-  np.testing.assert_allclose(probe(images[:, :, ::-1]), -probe(images), atol=1e-9)
-  # Unseen identities rendered turned 35° each way: read in the landmarks' order.
-  pairs = [[faces.render_face(7, 1000 + i, 0, yaw=y) for y in (-35.0, 35.0)] for i in range(12)]
-  img = np.array([[a for a, _ in p] for p in pairs])
-  pts = np.array([[b for _, b in p] for p in pairs])
-  landmark_turn = dit.yaw_proxy(pts[:, 1]) - dit.yaw_proxy(pts[:, 0])
-  read_turn = probe(img[:, 1]) - probe(img[:, 0])
-  assert np.all(np.abs(landmark_turn) > 0.3)
-  assert np.mean(np.sign(read_turn) == np.sign(landmark_turn)) >= 0.9  # 1.0 measured
-  # The hook's figures: faces that turn like the real ones score 1, faces that ignore the
-  # landmark sets 0 (and no pair in order).
-  gap = float(np.mean(probe(img[:, 1])) - np.mean(probe(img[:, 0])))
-  real = dit.pose_scores(probe, img[:, 0], img[:, 1], gap)
-  assert real["pose_follow"] == pytest.approx(1.0) and real["pose_agree"] >= 0.9
-  assert real["pose_probe_r2"] == probe.r2
-  still = dit.pose_scores(probe, img[:, 0], img[:, 0], gap)
-  assert still["pose_follow"] == 0.0 and still["pose_agree"] == 0.0
-  assert dit.pose_scores(probe, img[:, 1], img[:, 0], gap)["pose_follow"] == pytest.approx(-1.0)
-  assert np.isnan(dit.pose_scores(probe, img[:, 0], img[:, 1], 0.0)["pose_follow"])
-
-
-def test_yaw_proxy_is_zero_for_the_template_and_flips_sign():
-  from vigface_jax.data import landmarks as landmarks_lib  # pylint: disable=import-outside-toplevel
-  template = np.asarray(landmarks_lib.ARCFACE_TEMPLATE, np.float64)
-  turned = template.copy()
-  turned[2, 0] += 7.0
-  got = dit.yaw_proxy(np.stack([template, turned]))
-  assert abs(got[0]) < 0.01 and got[1] == pytest.approx(got[0] + 7.0 / (73.5318 - 38.2946))
-  mirrored = turned[[1, 0, 2, 4, 3]] * [-1, 1] + [111, 0]  # flip x, swap left and right
-  assert dit.yaw_proxy(mirrored[None])[0] == pytest.approx(-got[1])
-
-
-def test_identity_consistency():
-  rows = np.eye(4, 8, dtype=np.float32)
-  emb = rows[[0, 1, 3, 3]] * 5.0
-  out = dit.identity_consistency(emb, rows, np.arange(4))
-  assert out["top1"] == 0.75 and out["chance"] == 0.25
-  assert out["mean_cos_to_row"] == pytest.approx(0.75)
 
 
 def _grads(model, batch, cfg, schedule, trainable):
@@ -296,7 +214,7 @@ def test_identity_loss_gradient_reaches_the_dit_and_nothing_else():
   cfg.diffusion.cond_drop = 0.0
   cfg.diffusion.id_loss_max_t = 1000  # every example contributes
   info = {"arch": "tiny", "embed_dim": 32, "input_size": 32}
-  model = dit.Stage2(cfg, info, 4, rngs=nnx.Rngs(0))
+  model = dit.create_model(cfg, info, 4)(rngs=nnx.Rngs(0))
   assert model.dit.cond_scale == pytest.approx(np.sqrt(32))  # unit rows → unit-RMS inputs
   rng = np.random.default_rng(0)
   model.rows[...] = jnp.asarray(rng.normal(size=(4, 32)).astype(np.float32))
@@ -306,10 +224,10 @@ def test_identity_loss_gradient_reaches_the_dit_and_nothing_else():
   batch = {"image": jnp.asarray(rng.integers(0, 256, (2, 112, 112, 3), np.uint8)),
            "label": jnp.asarray([0, 3], jnp.int32),
            "landmarks": jnp.tile(jnp.asarray(np.asarray(
-               dit.landmarks_lib.ARCFACE_TEMPLATE, np.float32))[None], (2, 1, 1)),
+               landmarks_lib.ARCFACE_TEMPLATE, np.float32))[None], (2, 1, 1)),
            "has_landmarks": jnp.asarray([True, False])}
   schedule = schedules.make_schedule("cosine", 1000)
-  trainable = dit.TRAINABLE
+  trainable = stage2.TRAINABLE
   with_id = _grads(model, batch, cfg, schedule, trainable)
   cfg.diffusion.id_loss_weight = 0.0
   without = _grads(model, batch, cfg, schedule, trainable)

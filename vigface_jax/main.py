@@ -1,79 +1,31 @@
 r"""Entry point: `python -m vigface_jax.main --config=configs/<task>.py[:arg] --workdir=DIR`.
 
 Flags, logging and multi-host initialisation, then one call into the task named by
-`config.task`. Any config field can be overridden with `--config.a.b=value`; a misspelt field,
-an unknown task or a missing required field stops with a message that names it. The resolved
-config is saved as `config.json` in the workdir.
+`config.task` (`tasks.run`). Any config field can be overridden with `--config.a.b=value`; a
+misspelt field, an unknown task or a missing required field stops with a message that names
+it. The resolved config is saved as `config.json` in the workdir.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 import re
 import sys
-from typing import Any, Callable
 
 from absl import app
 from absl import flags
 from absl import logging
-import ml_collections
 from ml_collections import config_flags
 
 from vigface_jax import config_lib
-from vigface_jax import metrics
 from vigface_jax import parallel
+from vigface_jax import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file: configs/<task>.py[:arg]; override fields with --config.a.b=v.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and logs.")
 
-# Task name → module with `run(config, workdir)` and `REQUIRED_FIELDS` (dotted config paths
-# that must not be None). Modules are imported on demand: a data job never loads a trainer.
-TASKS = {
-    "preview": "vigface_jax.preview",
-    "fr": "vigface_jax.train.fr",
-    "dit": "vigface_jax.train.dit",
-}
-
-
 ConfigError = config_lib.ConfigError
-
-
-def _get_field(config: ml_collections.ConfigDict, path: str) -> Any:
-  node = config
-  for part in path.split("."):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise ConfigError(f"config field '{path}' is missing: the config file must define it")
-    node = node[part]
-  return node
-
-
-def resolve_task(config: ml_collections.ConfigDict) -> Callable[..., Any]:
-  """Validates `config` for its task and returns the task's `run` function."""
-  task = config.get("task")
-  if task is None:
-    raise ConfigError("config.task is not set: the config file must name the job "
-                      f"(one of {sorted(TASKS)})")
-  if task not in TASKS:
-    raise ConfigError(f"unknown task config.task={task!r}; known tasks: {sorted(TASKS)}")
-  module = importlib.import_module(TASKS[task])
-  for path in getattr(module, "REQUIRED_FIELDS", ()):
-    if _get_field(config, path) is None:
-      raise ConfigError(f"config field '{path}' is required for task {task!r}: set it in the "
-                        f"config file or pass --config.{path}=...")
-  return module.run
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Validates, saves `config.json` and runs the task; usable from Python as well."""
-  task_fn = resolve_task(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if parallel.is_main_process():
-    os.makedirs(workdir, exist_ok=True)
-    metrics.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  logging.info("task %s, workdir %s\n%s", config.task, workdir, config)
-  return task_fn(config, workdir)
+run = tasks.run  # `main.run(config, workdir)`: the same call from Python
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -104,9 +56,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("both --config and --workdir are required")
   config = _CONFIG.value
   # Must precede anything that creates a JAX backend.
-  parallel.maybe_initialize_distributed(config.get("distributed", "auto"))
+  parallel.maybe_initialize_distributed(config.distributed)
   try:
-    run(config, _WORKDIR.value)
+    tasks.run(config, _WORKDIR.value)
   except ConfigError as e:
     logging.error("%s", e)
     sys.stderr.write(f"vigface_jax: {e}\n")

@@ -25,7 +25,7 @@ from vigface_jax import metrics as metrics_lib
 from vigface_jax import parallel
 from vigface_jax.data import faces
 from vigface_jax.data import landmarks
-from vigface_jax.data import pairs
+from vigface_jax.evaluate import pairs
 from vigface_jax.evaluate import baselines
 from vigface_jax.evaluate import verification
 

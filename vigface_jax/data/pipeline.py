@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vigface_jax import config_lib
 from vigface_jax import parallel
 from vigface_jax.data import landmarks as landmarks_lib
 
@@ -358,8 +359,8 @@ def _procedural_source(data_config: Any) -> grain.sources.RandomAccessDataSource
       seed=data_config.seed,
       num_identities=data_config.num_identities,
       images_per_identity=data_config.images_per_identity,
-      identity_offset=data_config.get("identity_offset", 0),
-      cache=data_config.get("cache", False),
+      identity_offset=data_config.identity_offset,
+      cache=data_config.cache,
   )
 
 
@@ -370,24 +371,24 @@ def _arrayrecord_source(data_config: Any) -> grain.sources.RandomAccessDataSourc
   from vigface_jax.data import arrayrecord  # pylint: disable=g-import-not-at-top
 
   return arrayrecord.ArrayRecordSource(_required(data_config, "path"),
-                                       split=data_config.get("split", "train"))
+                                       split=data_config.split)
 
 
 def _imagefolder_source(data_config: Any) -> grain.sources.RandomAccessDataSource:
   from vigface_jax.data import imagefolder  # pylint: disable=g-import-not-at-top
 
   return imagefolder.ImageFolderSource(
-      _required(data_config, "path"), landmarks_file=data_config.get("landmarks_file"),
-      on_error=data_config.get("on_error", "raise"), align=data_config.get("align", False))
+      _required(data_config, "path"), landmarks_file=data_config.landmarks_file,
+      on_error=data_config.on_error, align=data_config.align)
 
 
 def _recordio_source(data_config: Any) -> grain.sources.RandomAccessDataSource:
   from vigface_jax.data import recordio  # pylint: disable=g-import-not-at-top
 
   return recordio.RecordIOSource(
-      _required(data_config, "path"), label_file=data_config.get("label_file"),
-      bgr_to_rgb=data_config.get("bgr_to_rgb", False),
-      on_error=data_config.get("on_error", "raise"), decode=data_config.get("decode", True))
+      _required(data_config, "path"), label_file=data_config.label_file,
+      bgr_to_rgb=data_config.bgr_to_rgb, on_error=data_config.on_error,
+      decode=data_config.decode)
 
 
 SOURCES: dict[str, Callable[[Any], grain.sources.RandomAccessDataSource]] = {
@@ -426,6 +427,51 @@ def _required(data_config: Any, field: str) -> Any:
   return data_config[field]
 
 
+def validate(config: Any) -> None:
+  """ConfigError naming the field unless every `config.data` field is valid; a file source
+  without `data.path` gets a message saying what to pass."""
+  data = config_lib.Fields(config.data, "data")
+  source = data.choice("source", sorted(SOURCES))
+  path = data.str("path", optional=True)
+  if source != "procedural" and not path:
+    raise config_lib.ConfigError(
+        f"data.path is not set: task {config.task!r} trains on a face dataset you keep "
+        f"(data.source={source!r}, e.g. CASIA-WebFace's train.rec from insightface); pass "
+        "--config.data.path=/path/to/faces_webface_112x112/train.rec, or use "
+        f"--config=configs/{config.task}.py:demo for procedural faces")
+  data.int("seed", 0)
+  data.int("global_batch_size", 1)
+  data.bool("shuffle")
+  data.int("num_epochs", 1, optional=True)
+  data.float("flip_prob", 0.0, most=1.0)
+  data.int("worker_count", 0)
+  data.int("worker_buffer_size", 1)
+  data.int("read_threads", 0, optional=True)
+  data.int("num_identities", 1)
+  data.int("images_per_identity", 1)
+  data.int("identity_offset", 0)
+  data.bool("cache")
+  data.str("label_file", optional=True)
+  data.bool("bgr_to_rgb")
+  data.bool("decode")
+  data.str("landmarks_file", optional=True)
+  data.bool("align")
+  data.str("split")
+  data.choice("on_error", ("raise", "skip"))
+
+
+def num_classes(config: Any, source: Any) -> int:
+  """`model.num_real` if set, else the source's `num_classes` (ConfigError if neither)."""
+  n = config.model.num_real
+  if n is None:
+    n = getattr(source, "num_classes", None)
+  if not n:
+    raise config_lib.ConfigError(
+        f"cannot tell the number of real identities of data.source={config.data.source!r}; "
+        "set model.num_real")
+  return int(n)
+
+
 def make_pipeline(
     config: Any,
     mesh: Mesh,
@@ -433,19 +479,11 @@ def make_pipeline(
 ) -> GlobalBatchIterator:
   """Source + loader + global batches, all from `config.data`.
 
-  Fields of `config.data` read here (besides the source's own, see
-  `build_source`):
-    source: which source to build (`SOURCES` key), e.g. 'procedural'.
-    global_batch_size: examples per step over all processes; a multiple of
-      the process count and of the devices the batch axis spans.
-    seed: shuffle/augmentation seed, an integer in [0, 2**32).
-    shuffle: globally shuffle records each epoch (default True).
-    num_epochs: passes over the data, None for endless (default None).
-    worker_count: grain worker processes, 0 for in-process (default 0).
-    worker_buffer_size: batches prepared ahead per worker (default 2).
-    flip_prob: horizontal-flip probability (default 0.5).
-    read_threads: record-reading threads per process (default 0; see
-      `make_loader`).
+  The fields of `config.data` (declared with their defaults by `config_lib.data_config`,
+  checked by `validate`): `source` and the source's own (see `build_source`),
+  `global_batch_size` (a multiple of the process count and of the devices the batch axis
+  spans), `seed`, `shuffle`, `num_epochs`, `worker_count`, `worker_buffer_size`,
+  `flip_prob`, `read_threads` (see `make_loader`).
 
   Args:
     config: the experiment ConfigDict (must have `config.data`).
@@ -464,11 +502,11 @@ def make_pipeline(
       build_source(data),
       global_batch_size=global_batch_size,
       seed=_required(data, "seed"),
-      shuffle=data.get("shuffle", True),
-      num_epochs=data.get("num_epochs", None),
-      worker_count=data.get("worker_count", 0),
-      worker_buffer_size=data.get("worker_buffer_size", 2),
-      flip_prob=data.get("flip_prob", 0.5),
-      read_threads=data.get("read_threads", 0),
+      shuffle=data.shuffle,
+      num_epochs=data.num_epochs,
+      worker_count=data.worker_count,
+      worker_buffer_size=data.worker_buffer_size,
+      flip_prob=data.flip_prob,
+      read_threads=data.read_threads,
   )
   return GlobalBatchIterator(loader, mesh, rules)

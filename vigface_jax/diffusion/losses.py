@@ -9,6 +9,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from vigface_jax import ops
 from vigface_jax.diffusion import parameterization
 from vigface_jax.diffusion.schedules import Schedule, snr as schedule_snr
 
@@ -106,12 +107,6 @@ def diffusion_loss(
   return per_example, mean
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / max(‖x‖, eps) along `axis` (gradient-safe at zero)."""
-  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
-
-
 def identity_loss(
     fr_embed_fn: Callable[[jax.Array], jax.Array],
     x0_pred: jax.Array,
@@ -136,8 +131,8 @@ def identity_loss(
   Returns:
     Scalar float32 loss (0 when no example qualifies).
   """
-  emb = l2_normalize(fr_embed_fn(x0_pred).astype(jnp.float32))
-  target = l2_normalize(rows.astype(jnp.float32))
+  emb = ops.l2_normalize(fr_embed_fn(x0_pred).astype(jnp.float32))
+  target = ops.l2_normalize(rows.astype(jnp.float32))
   per_example = jnp.sum(jnp.square(emb - target), axis=-1)
   mask = (jnp.asarray(t) <= max_timestep).astype(jnp.float32)
   return weight * jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)

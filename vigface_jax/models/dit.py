@@ -67,6 +67,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vigface_jax.models import layers
+
 LN_EPS = 1e-6
 FREQ_DIM = 256
 MAX_PERIOD = 10000
@@ -98,12 +100,6 @@ def get_variant(name: str) -> Variant:
   if name not in VARIANTS:
     raise ValueError(f"Unknown DiT variant {name!r}; known: {sorted(VARIANTS)}")
   return VARIANTS[name]
-
-
-def _meta(*names: str) -> dict[str, Any]:
-  # eager_sharding=False: the names are only metadata here; state is placed by
-  # the trainer (eval_shape -> shardings -> jitted init), not at construction.
-  return {"out_sharding": names, "eager_sharding": False}
 
 
 # --- Fixed embeddings (numpy / jnp functions of static shapes) -------------
@@ -165,32 +161,10 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 # --- Layers ----------------------------------------------------------------
 
-_XAVIER = nnx.initializers.xavier_uniform()
-_ZEROS = nnx.initializers.zeros_init()
-
-
-class _Common:
-  """Constructor arguments shared by every layer of one network."""
-
-  def __init__(self, dtype, param_dtype, precision):
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.precision = precision
-
-  def dense(self, n_in: int, n_out: int, axes: tuple[str, str], rngs: nnx.Rngs, *,
-            kernel_init: Any = _XAVIER) -> nnx.Linear:
-    """A Linear with logical axes `axes` on the kernel and `axes[1]` on the bias (zero)."""
-    return nnx.Linear(
-        n_in, n_out, dtype=self.dtype, param_dtype=self.param_dtype,
-        precision=self.precision, kernel_init=kernel_init, bias_init=_ZEROS,
-        kernel_metadata=_meta(*axes), bias_metadata=_meta(axes[1]), rngs=rngs,
-    )
-
-
 class TimestepEmbedder(nnx.Module):
   """DiT's `TimestepEmbedder`: `[b]` timesteps -> `[b, hidden]` (compute dtype)."""
 
-  def __init__(self, hidden: int, c: _Common, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, c: layers.Common, rngs: nnx.Rngs):
     normal = nnx.initializers.normal(0.02)
     self.dtype = c.dtype
     self.fc1 = c.dense(FREQ_DIM, hidden, ("freq", "mlp"), rngs, kernel_init=normal)
@@ -204,7 +178,7 @@ class TimestepEmbedder(nnx.Module):
 class Attention(nnx.Module):
   """Multi-head self-attention: `[b, n, hidden]` -> `[b, n, hidden]` (compute dtype)."""
 
-  def __init__(self, hidden: int, heads: int, c: _Common, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, heads: int, c: layers.Common, rngs: nnx.Rngs):
     if hidden % heads:
       raise ValueError(f"hidden size {hidden} is not divisible by heads {heads}")
     self.heads = heads
@@ -223,7 +197,7 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
   """`Linear -> GELU(tanh) -> Linear`, `[..., hidden]` -> `[..., hidden]`."""
 
-  def __init__(self, hidden: int, mlp_hidden: int, c: _Common, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, mlp_hidden: int, c: layers.Common, rngs: nnx.Rngs):
     self.dtype = c.dtype
     self.fc1 = c.dense(hidden, mlp_hidden, ("embed", "mlp"), rngs)
     self.fc2 = c.dense(mlp_hidden, hidden, ("mlp", "embed"), rngs)
@@ -235,12 +209,12 @@ class Mlp(nnx.Module):
 class DiTBlock(nnx.Module):
   """adaLN-Zero block: `x` float32 `[b, n, hidden]`, `c` `[b, hidden]` -> float32 `x`."""
 
-  def __init__(self, hidden: int, heads: int, mlp_ratio: float, c: _Common, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, heads: int, mlp_ratio: float, c: layers.Common, rngs: nnx.Rngs):
     self.dtype = c.dtype
     self.attn = Attention(hidden, heads, c, rngs)
     self.mlp = Mlp(hidden, int(hidden * mlp_ratio), c, rngs)
     self.adaLN_modulation = c.dense(  # pylint: disable=invalid-name
-        hidden, 6 * hidden, ("embed", "mlp"), rngs, kernel_init=_ZEROS)
+        hidden, 6 * hidden, ("embed", "mlp"), rngs, kernel_init=layers.ZEROS)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     mod = self.adaLN_modulation(jax.nn.silu(c.astype(self.dtype))).astype(jnp.float32)
@@ -254,11 +228,11 @@ class DiTBlock(nnx.Module):
 class FinalLayer(nnx.Module):
   """DiT's `FinalLayer`: adaLN + LayerNorm + zero linear -> float32 `[b, n, p * p * out]`."""
 
-  def __init__(self, hidden: int, patch_dim: int, c: _Common, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, patch_dim: int, c: layers.Common, rngs: nnx.Rngs):
     self.dtype = c.dtype
     self.adaLN_modulation = c.dense(  # pylint: disable=invalid-name
-        hidden, 2 * hidden, ("embed", "mlp"), rngs, kernel_init=_ZEROS)
-    self.linear = c.dense(hidden, patch_dim, ("embed", "patch"), rngs, kernel_init=_ZEROS)
+        hidden, 2 * hidden, ("embed", "mlp"), rngs, kernel_init=layers.ZEROS)
+    self.linear = c.dense(hidden, patch_dim, ("embed", "patch"), rngs, kernel_init=layers.ZEROS)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     mod = self.adaLN_modulation(jax.nn.silu(c.astype(self.dtype))).astype(jnp.float32)
@@ -368,7 +342,7 @@ class DiT(nnx.Module):
       raise ValueError(f"output_overlap must be in [0, patch_size / 2 = {patch_size // 2}] "
                        f"(the cross-fades of a patch's two borders must not meet), got "
                        f"{output_overlap}")
-    c = _Common(dtype, param_dtype, precision)
+    c = layers.Common(dtype, param_dtype, precision)
     self.variant = v
     self.patch_size = patch_size
     self.input_size = input_size

@@ -66,8 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vigface_jax.models import layers
 from vigface_jax.models import onet
-from vigface_jax.models.onet import PReLU
 
 BN_EPS = 1e-5
 # PyTorch BatchNorm momentum 0.1 == flax decay 0.9.
@@ -127,47 +127,15 @@ def prepare(images: jax.Array, input_size: int = 112) -> jax.Array:
   return x
 
 
-def _meta(*names: str) -> dict[str, Any]:
-  # eager_sharding=False: the names are only metadata here; state is placed by
-  # the trainer (eval_shape -> shardings -> jitted init), not at construction.
-  return {"out_sharding": names, "eager_sharding": False}
-
-
-_CONV_META = _meta("conv_h", "conv_w", "channels_in", "channels_out")
-
-
-class _Common:
-  """Constructor arguments shared by every layer of one network."""
-
-  def __init__(self, dtype, param_dtype, precision, rngs):
-    self.dtype = dtype
-    self.conv = functools.partial(
-        nnx.Conv, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-        precision=precision, kernel_metadata=_CONV_META, rngs=rngs,
-    )
-    self.bn = functools.partial(
-        nnx.BatchNorm, epsilon=BN_EPS, momentum=BN_MOMENTUM, dtype=jnp.float32,
-        param_dtype=param_dtype, scale_metadata=_meta("channels_out"),
-        bias_metadata=_meta("channels_out"), rngs=rngs,
-    )
-    self.param_dtype = param_dtype
-
-
 def _bn(bn: nnx.BatchNorm, x: jax.Array, dtype: Any) -> jax.Array:
   """BatchNorm in float32, result in the compute dtype."""
   return bn(x.astype(jnp.float32)).astype(dtype)
 
 
-def _prelu(channels: int, c: _Common) -> PReLU:
-  prelu = PReLU(channels, dtype=c.dtype, param_dtype=c.param_dtype)
-  prelu.weight.set_metadata(out_sharding=("channels_out",), eager_sharding=False)
-  return prelu
-
-
 class SEModule(nnx.Module):
   """Squeeze-excitation gate (face.evoLVe `SEModule`), `[b, h, w, C]` -> same shape."""
 
-  def __init__(self, channels: int, c: _Common, reduction: int = SE_REDUCTION):
+  def __init__(self, channels: int, c: layers.Common, reduction: int = SE_REDUCTION):
     hidden = max(1, channels // reduction)
     self.dtype = c.dtype
     self.fc1 = c.conv(channels, hidden, (1, 1), padding="VALID")
@@ -183,18 +151,18 @@ class SEModule(nnx.Module):
 class IBasicBlock(nnx.Module):
   """arcface_torch `IBasicBlock` (optionally with SE): `[b, h, w, in]` -> `[b, h/s, w/s, out]`."""
 
-  def __init__(self, in_ch: int, out_ch: int, stride: int, se: bool, c: _Common):
+  def __init__(self, in_ch: int, out_ch: int, stride: int, se: bool, c: layers.Common):
     self.dtype = c.dtype
-    self.bn1 = c.bn(in_ch)
+    self.bn1 = c.batch_norm(in_ch, epsilon=BN_EPS, momentum=BN_MOMENTUM)
     self.conv1 = c.conv(in_ch, out_ch, (3, 3), padding=1)
-    self.bn2 = c.bn(out_ch)
-    self.prelu = _prelu(out_ch, c)
+    self.bn2 = c.batch_norm(out_ch, epsilon=BN_EPS, momentum=BN_MOMENTUM)
+    self.prelu = c.prelu(out_ch)
     self.conv2 = c.conv(out_ch, out_ch, (3, 3), strides=stride, padding=1)
-    self.bn3 = c.bn(out_ch)
+    self.bn3 = c.batch_norm(out_ch, epsilon=BN_EPS, momentum=BN_MOMENTUM)
     self.se = SEModule(out_ch, c) if se else None
     if stride != 1 or in_ch != out_ch:
       self.downsample_conv = c.conv(in_ch, out_ch, (1, 1), strides=stride, padding="VALID")
-      self.downsample_bn = c.bn(out_ch)
+      self.downsample_bn = c.batch_norm(out_ch, epsilon=BN_EPS, momentum=BN_MOMENTUM)
     else:
       self.downsample_conv = None
       self.downsample_bn = None
@@ -248,14 +216,14 @@ class IResNet(nnx.Module):
     v = get_variant(variant) if isinstance(variant, str) else variant
     if input_size % _DOWNSAMPLE:
       raise ValueError(f"input_size must be a multiple of {_DOWNSAMPLE}, got {input_size}")
-    c = _Common(dtype, param_dtype, precision, rngs)
+    c = layers.Common(dtype, param_dtype, precision, rngs)
     self.variant = v
     self.dtype = dtype
     self.input_size = input_size
     w0 = v.widths[0]
     self.conv1 = c.conv(3, w0, (3, 3), padding=1)
-    self.bn1 = c.bn(w0)
-    self.prelu = _prelu(w0, c)
+    self.bn1 = c.batch_norm(w0, epsilon=BN_EPS, momentum=BN_MOMENTUM)
+    self.prelu = c.prelu(w0)
     in_ch = w0
     stages = []
     for n, width in zip(v.layers, v.widths):
@@ -265,19 +233,15 @@ class IResNet(nnx.Module):
         in_ch = width
       stages.append(nnx.List(blocks))
     self.layer1, self.layer2, self.layer3, self.layer4 = stages
-    self.bn2 = c.bn(in_ch)
+    self.bn2 = c.batch_norm(in_ch, epsilon=BN_EPS, momentum=BN_MOMENTUM)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     side = input_size // _DOWNSAMPLE
     self.fc = nnx.Linear(
         in_ch * side * side, embed_dim, dtype=jnp.float32, param_dtype=param_dtype,
-        precision=precision, kernel_metadata=_meta("embed_in", "embed"),
-        bias_metadata=_meta("embed"), rngs=rngs,
+        precision=precision, kernel_metadata=layers.meta("embed_in", "embed"),
+        bias_metadata=layers.meta("embed"), rngs=rngs,
     )
-    self.features = nnx.BatchNorm(
-        embed_dim, epsilon=BN_EPS, momentum=BN_MOMENTUM, dtype=jnp.float32,
-        param_dtype=param_dtype, scale_metadata=_meta("embed"),
-        bias_metadata=_meta("embed"), rngs=rngs,
-    )
+    self.features = c.batch_norm(embed_dim, epsilon=BN_EPS, momentum=BN_MOMENTUM, axis="embed")
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Embeds a batch of faces.

@@ -40,14 +40,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vigface_jax import ops
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """`x / max(||x||, eps)` along `axis`, in float32."""
-  x = jnp.asarray(x, jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  """`x / max(||x||, eps)` along `axis`, in float32 (`ops.l2_normalize`, the margin head's
+  rounding of the gradient)."""
+  return ops.l2_normalize(x, axis, eps, safe_grad=False)
 
 
 # ------------------------------------------------------------------ module

@@ -70,6 +70,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vigface_jax.models import layers
+
 INPUT_SIZE = 48
 NUM_LANDMARKS = 5
 
@@ -113,37 +115,6 @@ STATE_DICT_SHAPES: dict[str, tuple[int, ...]] = {
 # points ~2.5 px off on astronaut(); boxes of side 88-100 near this one give
 # 1.9-2.2 px.
 ALIGNED_FACE_BOX = (8, 16, 96)
-
-
-class PReLU(nnx.Module):
-  """Parametric ReLU with one slope per channel (PyTorch `nn.PReLU(channels)`).
-
-  `flax.nnx.PReLU` has a single scalar slope, which cannot hold MTCNN's
-  per-channel weights.
-  """
-
-  def __init__(
-      self,
-      channels: int,
-      *,
-      dtype: Any = jnp.float32,
-      param_dtype: Any = jnp.float32,
-  ):
-    """Creates the slopes, initialised to PyTorch's 0.25.
-
-    Args:
-      channels: size of the last input axis.
-      dtype: compute dtype.
-      param_dtype: dtype of the slopes.
-    """
-    self.dtype = dtype
-    self.weight = nnx.Param(jnp.full((channels,), 0.25, dtype=param_dtype))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Applies `max(x, 0) + weight * min(x, 0)` along the last axis `[..., channels]`."""
-    x = x.astype(self.dtype)
-    slope = self.weight[...].astype(self.dtype)
-    return jnp.where(x >= 0, x, slope * x)
 
 
 def max_pool_ceil(x: jax.Array, window: int, stride: int) -> jax.Array:
@@ -208,7 +179,7 @@ class ONet(nnx.Module):
     dense = functools.partial(
         nnx.Linear, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs
     )
-    prelu = functools.partial(PReLU, dtype=dtype, param_dtype=param_dtype)
+    prelu = functools.partial(layers.PReLU, dtype=dtype, param_dtype=param_dtype)
     self.dtype = dtype
     self.conv1 = conv(3, 32, (3, 3))
     self.prelu1 = prelu(32)

@@ -32,48 +32,21 @@ import numpy as np
 from vigface_jax import config_lib
 from vigface_jax import metrics as metrics_lib
 from vigface_jax import parallel
-from vigface_jax.data import pairs
 from vigface_jax.data import pipeline
 from vigface_jax.evaluate import baselines
+from vigface_jax.evaluate import common as evaluators_lib
 from vigface_jax.evaluate import embed as embed_lib
+from vigface_jax.evaluate import pairs
 from vigface_jax.evaluate import prototypes
 from vigface_jax.evaluate import verification
+from vigface_jax.models import face_recognizer
 from vigface_jax.models import iresnet
 from vigface_jax.models import margin as margin_lib
 from vigface_jax.train import loop
+from vigface_jax.train import optim
 from vigface_jax.train import state as state_lib
 
 _MARGINS = ("arcface", "cosface", "combined", "adaface")
-
-
-class AdaFaceBuffer(nnx.Variable):
-  """AdaFace running (mean, std) of feature norms; not a parameter."""
-
-
-def compute_dtype(name: str) -> Any:
-  """'auto' → bfloat16 on GPU/TPU, float32 on CPU; otherwise the named dtype."""
-  if name == "auto":
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-  return jnp.dtype(name)
-
-
-class FaceRecognizer(nnx.Module):
-  """Backbone + class centres `[embed_dim, n + k]` (+ the AdaFace norm statistics)."""
-
-  def __init__(self, model: Any, num_real: int, num_virtual: int, *, margin_name: str,
-               rngs: nnx.Rngs):
-    self.input_size = int(model.get("input_size", 112))
-    self.backbone = iresnet.IResNet(
-        model.arch, embed_dim=int(model.embed_dim), dropout=float(model.get("dropout", 0.0)),
-        input_size=self.input_size, dtype=compute_dtype(model.get("dtype", "auto")),
-        rngs=rngs)
-    self.head = margin_lib.ClassCentres(int(model.embed_dim), num_real, num_virtual, rngs=rngs)
-    self.adaface = (AdaFaceBuffer(jnp.stack(margin_lib.AdaFaceStats.init()))
-                    if margin_name == "adaface" else None)
-
-  def embed(self, images: jax.Array) -> jax.Array:
-    """uint8 `[b, 112, 112, 3]` aligned faces → float32 `[b, embed_dim]` (not normalised)."""
-    return self.backbone(iresnet.prepare(images, self.input_size))
 
 
 def margin_fn(cfg: Any):
@@ -90,8 +63,9 @@ def margin_fn(cfg: Any):
   raise config_lib.ConfigError(f"margin.name={name!r} is not one of {_MARGINS}")
 
 
-def fr_loss(model: FaceRecognizer, batch: dict[str, jax.Array], rng: jax.Array, *,
-            cfg: Any, logits_sharding: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def fr_loss(model: face_recognizer.FaceRecognizer, batch: dict[str, jax.Array],
+            rng: jax.Array, *, cfg: Any, logits_sharding: Any = None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Margin softmax over real rows plus the step's virtual rows (DESIGN §1)."""
   head = model.head
   n, k = head.num_real, head.num_virtual
@@ -113,7 +87,7 @@ def fr_loss(model: FaceRecognizer, batch: dict[str, jax.Array], rng: jax.Array, 
   metrics["accuracy"] = aux_r["accuracy"]
   metrics["loss_real"] = loss_r
   b_r = labels.shape[0]
-  b_v = int(cfg.virtual.get("per_step") or margin_lib.num_virtual_per_step(k, b_r, n)) if k else 0
+  b_v = int(cfg.virtual.per_step or margin_lib.num_virtual_per_step(k, b_r, n)) if k else 0
   if b_v == 0:
     return loss_r, metrics
   emb_v, labels_v, sigma = margin_lib.virtual_embeddings(
@@ -128,39 +102,54 @@ def fr_loss(model: FaceRecognizer, batch: dict[str, jax.Array], rng: jax.Array, 
   return (loss_r * b_r + loss_v * b_v) / (b_r + b_v), metrics
 
 
-def num_real_classes(config: ml_collections.ConfigDict, source: Any) -> int:
-  """`model.num_real` if set, else the source's `num_classes`."""
-  n = config.model.get("num_real")
-  if n is None:
-    n = getattr(source, "num_classes", None)
-  if not n:
-    raise config_lib.ConfigError(
-        f"cannot tell the number of real identities of data.source={config.data.source!r}; "
-        "set model.num_real")
-  return int(n)
+EVALUATORS = ("verification",)
 
 
-def check_data(config: ml_collections.ConfigDict) -> None:
-  """ConfigError unless the data source can be built (a path for the file sources)."""
-  data = config.data
-  if data.source != "procedural" and not data.get("path"):
-    raise config_lib.ConfigError(
-        f"data.path is not set: task {config.task!r} trains on a face dataset you keep (data.source="
-        f"{data.source!r}, e.g. CASIA-WebFace's train.rec from insightface); pass "
-        "--config.data.path=/path/to/faces_webface_112x112/train.rec, or use "
-        f"--config=configs/{config.task}.py:demo for procedural faces")
-
-
-def _check_bins(config: ml_collections.ConfigDict) -> None:
-  for bin_path in config.eval.get("bins", ()) or ():
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field of a stage-1 config once, before anything is built (ConfigError)."""
+  config_lib.validate_parallelism(config)
+  pipeline.validate(config)
+  f = config_lib.Fields(config, "")
+  model = f.sub("model")
+  if model.get("arch") not in iresnet.VARIANTS:
+    model.fail("arch", f"one of {sorted(iresnet.VARIANTS)}", model.get("arch"))
+  model.int("embed_dim", 1)
+  if model.int("input_size", 16) % 16:
+    model.fail("input_size", "a multiple of 16", model.get("input_size"))
+  model.float("dropout", 0.0, most=1.0)
+  model.str("dtype")
+  model.int("num_real", 1, optional=True)
+  margin = f.sub("margin")
+  if margin.get("name") not in _MARGINS:
+    raise config_lib.ConfigError(f"margin.name={margin.get('name')!r} is not one of {_MARGINS}")
+  margin.float("s", above=0.0)
+  for key in ("m", "m1", "m3", "h"):
+    margin.float(key)
+  virtual = f.sub("virtual")
+  virtual.int("num_virtual", 0)
+  virtual.float("alpha", 0.0, most=1.0)
+  virtual.int("per_step", 1, optional=True)
+  optim.validate(f.sub("optim"))
+  loop.validate(f.sub("train"))
+  evaluators_lib.validate(config.evals, EVALUATORS)
+  verify = f.sub("evals").sub("verify")
+  verify.int("batch_size", 1)
+  for bin_path in verify.get("bins") or ():
     if not os.path.exists(bin_path):
-      raise config_lib.ConfigError(f"eval.bins: {bin_path} does not exist")
+      raise config_lib.ConfigError(f"evals.verify.bins: {bin_path} does not exist")
+  verify.bool("baselines")
+  spec = verify.get("procedural_pairs")
+  if spec is not None:
+    pp = verify.sub("procedural_pairs")
+    for key in ("num_pairs", "num_folds", "identities_per_fold", "hard_negative_k"):
+      pp.int(key, 1)
 
 
 def _verification_packs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-  """name → .bin path: `eval.bins` plus the procedural pairs (written here if configured)."""
-  packs = {os.path.splitext(os.path.basename(p))[0]: p for p in config.eval.get("bins", ()) or ()}
-  spec_cfg = config.eval.get("procedural_pairs")
+  """name → .bin path: `evals.verify.bins` plus the procedural pairs (written here if set)."""
+  verify = config.evals.verify
+  packs = {os.path.splitext(os.path.basename(p))[0]: p for p in verify.bins or ()}
+  spec_cfg = verify.procedural_pairs
   if spec_cfg:
     path = os.path.join(workdir, "verification", "procedural.bin")
     if not os.path.exists(path):
@@ -173,39 +162,13 @@ def _verification_packs(config: ml_collections.ConfigDict, workdir: str) -> dict
   return packs
 
 
-def make_verification_hook(config, mesh, rules, packs: dict[str, str]):
-  """A `loop.Hook` factory scoring the (EMA) backbone on every pack."""
-  loaded = {name: verification.load_bin(path) for name, path in packs.items()}
-  batch = int(config.eval.batch_size)
-  data_sharding = parallel.batch_sharding(mesh, rules)
-
-  def factory(setup: state_lib.Setup):
-    @jax.jit
-    def embed(params, rest, images):
-      model = nnx.merge(setup.graphdef, params, rest)
-      model.eval()
-      return model.embed(images)
-
-    def fn(step: int, state: state_lib.TrainState) -> dict[str, float]:
-      del step
-      params = state.ema if state.ema is not None else state.params
-
-      def embed_fn(x: np.ndarray) -> jax.Array:
-        x = jax.make_array_from_callback(x.shape, data_sharding, lambda idx: x[idx])
-        return embed(params, state.rest, x)
-
-      out = {}
-      for name, (images, issame) in loaded.items():
-        emb = verification.flip_sum_embeddings(embed_fn, images, batch)
-        result = verification.evaluate(emb, issame)
-        out[f"{name}/accuracy"] = result["accuracy_mean"]
-        out[f"{name}/accuracy_std"] = result["accuracy_std"]
-        out[f"{name}/val_at_far1e-3"] = result["val"]
-      return out
-
-    return [loop.Hook("verify", int(config.eval.every), fn)] if loaded else []
-
-  return factory
+def create_model(config: ml_collections.ConfigDict, num_real: int, num_virtual: int):
+  """`create(rngs=...)` building the stage-1 `FaceRecognizer` of `config.model`."""
+  m = config.model
+  return functools.partial(
+      face_recognizer.FaceRecognizer, m.arch, embed_dim=int(m.embed_dim), num_real=num_real,
+      num_virtual=num_virtual, input_size=int(m.input_size), dropout=float(m.dropout),
+      dtype=face_recognizer.compute_dtype(m.dtype), adaface=config.margin.name == "adaface")
 
 
 REQUIRED_FIELDS = ("data.source", "train.num_steps", "model.arch")
@@ -213,29 +176,30 @@ REQUIRED_FIELDS = ("data.source", "train.num_steps", "model.arch")
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains stage 1, exports the backbone and writes the prototype report."""
-  check_data(config)
-  _check_bins(config)
-  if config.margin.name not in _MARGINS:
-    raise config_lib.ConfigError(f"margin.name={config.margin.name!r} is not one of {_MARGINS}")
-  rules = config.get("sharding_rules", parallel.DEFAULT_RULES)
+  validate(config)
+  rules = config.sharding_rules
   mesh = parallel.mesh_from_config(config)
   packs = _verification_packs(config, workdir)
   data = pipeline.make_pipeline(config, mesh, rules)
-  n = num_real_classes(config, data.source)
+  n = pipeline.num_classes(config, data.source)
   k = int(config.virtual.num_virtual)
   logging.info("stage 1: %d real + %d virtual identities, %s on mesh %s", n, k,
                config.model.arch, dict(mesh.shape))
-  create = functools.partial(FaceRecognizer, config.model, n, k, margin_name=config.margin.name)
   logits_sharding = parallel.logical_sharding(mesh, ("batch", "classes"), rules)
   loss_fn = functools.partial(fr_loss, cfg=config, logits_sharding=logits_sharding)
   summary: dict[str, Any] = {"task": "fr", "num_real": n, "num_virtual": k,
                              "arch": config.model.arch}
+
+  def make_evaluators(setup: state_lib.Setup) -> list[evaluators_lib.Evaluator]:
+    context = {"setup": setup, "mesh": mesh, "rules": rules, "packs": packs}
+    return evaluators_lib.from_config(config.evals, context)
+
   with data, metrics_lib.MetricWriter(workdir) as writer:
-    result = loop.fit(config, workdir, mesh=mesh, create_model=create, loss_fn=loss_fn,
-                      data=data, images_per_step=int(config.data.global_batch_size),
-                      make_hooks=make_verification_hook(config, mesh, rules, packs),
-                      writer=writer)
-    summary.update({k_: v for k_, v in result.metrics.items()})
+    result = loop.fit(config, workdir, mesh=mesh, create_model=create_model(config, n, k),
+                      loss_fn=loss_fn, data=data,
+                      images_per_step=int(config.data.global_batch_size),
+                      make_evaluators=make_evaluators, writer=writer)
+    summary.update(result.metrics)
     model = state_lib.merge(result.setup.graphdef, result.state, use_ema=True)
     model.eval()
     # export/ is this run's own output: rewrite it, so re-running a finished (or resumed)
@@ -247,7 +211,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     report = prototypes.write_report(workdir, model.head.weight[...], n) or {}
     if report:
       summary["separability"] = report.get("verdict", report)
-    if "procedural" in packs and config.eval.get("baselines", True) and parallel.is_main_process():
+    if ("procedural" in packs and config.evals.verify.baselines
+        and parallel.is_main_process()):
       images, issame = verification.load_bin(packs["procedural"])
       emb = verification.flip_sum_embeddings(baselines.raw_pixel_embedder(), images, 200)
       summary["baseline/raw_pixels/accuracy"] = verification.evaluate(emb, issame)[

@@ -1,18 +1,7 @@
 """The training loop every trainer shares: resume, step, log, profile, evaluate, checkpoint.
 
-Fields of `config.train` read here:
-  num_steps: total optimizer steps.
-  seed: initialisation and per-step RNG seed.
-  log_every: steps between metric records (loss, accuracy, lr, grad norm, images/s, step time).
-  checkpoint_every: steps between checkpoints (the last step is always saved).
-  keep_checkpoints: how many checkpoints to keep.
-  async_checkpoint: save in the background (default True).
-  eval_every: steps between evaluation hooks (0: only at the end).
-  ema_decay: EMA of the parameters (0: off).
-  ema_warmup: use `min(ema_decay, (1 + t) / (10 + t))` at step t (default False).
-  profile_steps: `(start, stop)` steps traced by `jax.profiler` into `workdir/profile`, or ().
-  peak_tflops_per_device: peak FLOP/s for the MFU figure (0: from `PEAK_TFLOPS` by device
-    kind; no MFU when unknown, e.g. on CPU). TFLOP/s achieved is always logged.
+Its `config.train` fields are declared by `config_lib.train_config` (what each does is
+written there) and checked by `validate`.
 
 A non-finite loss or gradient leaves the state unchanged, stops the run with
 `TrainingDiverged` and keeps the last good checkpoint.
@@ -32,8 +21,10 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
+from vigface_jax import config_lib
 from vigface_jax import metrics as metrics_lib
 from vigface_jax import parallel
+from vigface_jax.evaluate import common as evaluators_lib
 from vigface_jax.train import checkpoint as checkpoint_lib
 from vigface_jax.train import optim
 from vigface_jax.train import state as state_lib
@@ -44,20 +35,27 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclasses.dataclass
-class Hook:
-  """`fn(step, state) -> {name: scalar}` run every `every` steps (0: only at the end)."""
-
-  name: str
-  every: int
-  fn: Callable[[int, state_lib.TrainState], dict[str, Any]]
-
-
-@dataclasses.dataclass
 class Result:
   state: state_lib.TrainState
   setup: state_lib.Setup
   start_step: int
   metrics: dict[str, Any]  # the last logged training metrics and hook results
+
+
+def validate(train: config_lib.Fields) -> None:
+  """ConfigError naming the field unless every `train.*` field is valid."""
+  train.int("num_steps", 1)
+  train.int("seed", 0)
+  train.int("log_every", 1)
+  train.int("checkpoint_every", 0)
+  train.int("keep_checkpoints", 1)
+  train.bool("async_checkpoint")
+  train.float("ema_decay", 0.0, most=1.0)
+  train.bool("ema_warmup")
+  profile = train.numbers("profile_steps", int)
+  if profile and (len(profile) != 2 or not 0 < profile[0] <= profile[1]):
+    train.fail("profile_steps", "() or (start, stop) with 0 < start <= stop", profile)
+  train.float("peak_tflops_per_device", 0.0)
 
 
 def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -74,8 +72,9 @@ def fit(
     loss_fn: state_lib.LossFn,
     data: Iterator[dict[str, jax.Array]],
     images_per_step: int,
-    hooks: Sequence[Hook] = (),
-    make_hooks: Callable[[state_lib.Setup], Sequence[Hook]] | None = None,
+    evaluators: Sequence[evaluators_lib.Evaluator] = (),
+    make_evaluators: Callable[[state_lib.Setup], Sequence[evaluators_lib.Evaluator]]
+    | None = None,
     writer: metrics_lib.MetricWriter | None = None,
     trainable: Any = nnx.Param,
     initialize: Callable[[state_lib.TrainState, state_lib.Setup], state_lib.TrainState]
@@ -92,8 +91,8 @@ def fit(
     data: iterator of global batches sharded over the batch axes; if it has
       `get_state`/`set_state` (grain), its position is checkpointed and restored.
     images_per_step: global examples per step (for images/s).
-    hooks: evaluation hooks.
-    make_hooks: builds more hooks once the graphdef is known.
+    evaluators: `evaluate.common.Evaluator`s, run when due with `writer`.
+    make_evaluators: builds more evaluators once the graphdef is known.
     writer: metric writer (default: one on `workdir`).
     trainable: NNX filter of the optimised variables (see `state.create_state`).
     initialize: `(state, setup) -> state` applied to a fresh state only (not on resume),
@@ -103,14 +102,14 @@ def fit(
     The final state and setup, the first step run in this process and the last metrics.
   """
   train = config.train
-  rules = config.get("sharding_rules", parallel.DEFAULT_RULES)
+  rules = config.sharding_rules
   num_steps = int(train.num_steps)
   tx, schedule = optim.make_optimizer(config.optim, num_steps)
-  ema_decay = float(train.get("ema_decay", 0.0))
+  ema_decay = float(train.ema_decay)
   state, setup = state_lib.create_state(create_model, tx, mesh, seed=int(train.seed),
                                         rules=rules, ema=ema_decay > 0, trainable=trainable)
-  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=int(train.get("keep_checkpoints", 3)),
-                                     async_save=bool(train.get("async_checkpoint", True)))
+  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=int(train.keep_checkpoints),
+                                     async_save=bool(train.async_checkpoint))
   checkpoint_data = data if hasattr(data, "get_state") else None
   restored = ckpt.restore_latest(setup.abstract, checkpoint_data)
   if restored is not None:
@@ -120,21 +119,21 @@ def fit(
   start = int(jax.device_get(state.step))
   step_fn = state_lib.make_train_step(setup.graphdef, loss_fn, tx, setup.shardings,
                                       parallel.batch_sharding(mesh, rules), ema_decay=ema_decay,
-                                      ema_warmup=bool(train.get("ema_warmup", False)),
+                                      ema_warmup=bool(train.ema_warmup),
                                       trainable=trainable)
-  hooks = list(hooks) + list(make_hooks(setup) if make_hooks else [])
+  evaluators = list(evaluators) + list(make_evaluators(setup) if make_evaluators else [])
   own_writer = writer is None
   writer = writer or metrics_lib.MetricWriter(workdir)
-  log_every = max(1, int(train.get("log_every", 50)))
-  ckpt_every = int(train.get("checkpoint_every", 1000))
-  profile = tuple(train.get("profile_steps", ()) or ())
+  log_every = max(1, int(train.log_every))
+  ckpt_every = int(train.checkpoint_every)
+  profile = tuple(train.profile_steps or ())
   train_last: dict[str, Any] = {}
-  hook_last: dict[str, Any] = {}
+  eval_last: dict[str, Any] = {}
   window: list[dict[str, jax.Array]] = []
   pending = None  # (step, metrics) of the previous step, checked one step late
   tick, tick_step, profiling = time.perf_counter(), start, False
   flops = None  # per step, from XLA's cost analysis of the step (0 when unavailable)
-  peak = peak_flops_per_second(train.get("peak_tflops_per_device", 0.0))
+  peak = peak_flops_per_second(train.peak_tflops_per_device)
   if start:
     logging.info("resuming at step %d of %d", start, num_steps)
   try:
@@ -174,36 +173,24 @@ def fit(
       if ckpt_every and step % ckpt_every == 0 and step != num_steps:
         _check_finite(*pending, ckpt)  # never save a step that did not update
         ckpt.save(step, state, checkpoint_data)
-      if step == num_steps:  # before the end-of-training hooks: a failing one loses no training
+      if step == num_steps:  # before the end-of-training evaluations: a failing one loses none
         _check_finite(*pending, ckpt)
         ckpt.save(num_steps, state, checkpoint_data, force=True)
       t0 = time.perf_counter()
-      hook_last.update(_run_hooks(hooks, step, num_steps, state, writer))
+      eval_last.update(evaluators_lib.run_due(evaluators, step, num_steps, state, writer))
       tick += time.perf_counter() - t0  # evaluation time is not training time
     if start == num_steps > 0:
       # Already trained (e.g. an end-of-training evaluation failed after the last checkpoint):
       # evaluate the final checkpoint again rather than return without figures.
-      logging.info("step %d is the last: running the end-of-training hooks only", start)
-      hook_last.update(_run_hooks(hooks, num_steps, num_steps, state, writer))
+      logging.info("step %d is the last: running the end-of-training evaluations only", start)
+      eval_last.update(evaluators_lib.run_due(evaluators, num_steps, num_steps, state, writer))
   finally:
     if profiling:
       jax.profiler.stop_trace()
     ckpt.close()
     if own_writer:
       writer.close()
-  return Result(state=state, setup=setup, start_step=start, metrics={**train_last, **hook_last})
-
-
-def _run_hooks(hooks: Sequence[Hook], step: int, num_steps: int, state: Any,
-               writer: metrics_lib.MetricWriter) -> dict[str, Any]:
-  """Runs the hooks due at `step` (all of them at `num_steps`); their prefixed figures."""
-  figures: dict[str, Any] = {}
-  for hook in hooks:
-    if (hook.every and step % hook.every == 0) or step == num_steps:
-      out = {f"{hook.name}/{k}": v for k, v in hook.fn(step, state).items()}
-      writer.write_scalars(step, out)
-      figures.update(out)
-  return figures
+  return Result(state=state, setup=setup, start_step=start, metrics={**train_last, **eval_last})
 
 
 # Dense bf16 peak FLOP/s per chip (vendor figures) by `device_kind` prefix, for MFU.

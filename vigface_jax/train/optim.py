@@ -1,18 +1,7 @@
 """Optimizers and learning-rate schedules from a config's `optim` block.
 
-Fields of `config.optim` (all trainers):
-  name: 'sgd' (momentum; weight decay added to the gradient as L2, like arcface_torch's
-    `torch.optim.SGD(weight_decay=...)`) or 'adamw' (decoupled weight decay).
-  lr: peak learning rate (after warm-up).
-  momentum: SGD momentum (default 0.9); nesterov: bool (default False).
-  b1, b2, eps: AdamW moments (defaults 0.9, 0.999, 1e-8).
-  weight_decay: L2 (SGD) or decoupled (AdamW) weight decay.
-  schedule: 'constant', 'cosine' or 'step'.
-  warmup_steps: linear warm-up from 0 to `lr`.
-  decay_steps: for 'step', the steps at which the rate is multiplied by `decay_factor`.
-  decay_factor: step decay factor (default 0.1).
-  end_lr_factor: cosine floor as a fraction of `lr` (default 0).
-  grad_clip_norm: clip the global gradient norm to this (0: no clipping).
+The fields and their defaults are declared by `config_lib.optim_config` (every task's config
+uses it); `validate` checks them, `make_optimizer` builds `(tx, schedule)`.
 """
 
 from __future__ import annotations
@@ -21,15 +10,35 @@ from typing import Any
 
 import optax
 
+from vigface_jax import config_lib
+
 _NAMES = ("sgd", "adamw")
 _SCHEDULES = ("constant", "cosine", "step")
+
+
+def validate(optim: config_lib.Fields) -> None:
+  """ConfigError naming the field unless every `optim.*` field is valid."""
+  optim.choice("name", _NAMES)
+  optim.float("lr", above=0.0)
+  optim.float("momentum", 0.0, most=1.0)
+  optim.bool("nesterov")
+  optim.float("b1", 0.0, most=1.0)
+  optim.float("b2", 0.0, most=1.0)
+  optim.float("eps", above=0.0)
+  optim.float("weight_decay", 0.0)
+  optim.choice("schedule", _SCHEDULES)
+  optim.int("warmup_steps", 0)
+  optim.numbers("decay_steps", int)
+  optim.float("decay_factor", above=0.0)
+  optim.float("end_lr_factor", 0.0)
+  optim.float("grad_clip_norm", 0.0)
 
 
 def make_schedule(optim: Any, total_steps: int) -> optax.Schedule:
   """Warm-up followed by a constant, cosine or step schedule over `total_steps`."""
   lr = float(optim.lr)
-  warmup = int(optim.get("warmup_steps", 0))
-  kind = optim.get("schedule", "constant")
+  warmup = int(optim.warmup_steps)
+  kind = optim.schedule
   if kind not in _SCHEDULES:
     raise ValueError(f"optim.schedule={kind!r} is not one of {_SCHEDULES}")
   if warmup < 0 or total_steps <= 0:
@@ -39,10 +48,10 @@ def make_schedule(optim: Any, total_steps: int) -> optax.Schedule:
   if kind == "constant":
     after = optax.constant_schedule(lr)
   elif kind == "cosine":
-    after = optax.cosine_decay_schedule(lr, rest, alpha=float(optim.get("end_lr_factor", 0.0)))
+    after = optax.cosine_decay_schedule(lr, rest, alpha=float(optim.end_lr_factor))
   else:
-    boundaries = {int(s) - warmup: float(optim.get("decay_factor", 0.1))
-                  for s in optim.get("decay_steps", ()) if int(s) > warmup}
+    boundaries = {int(s) - warmup: float(optim.decay_factor)
+                  for s in optim.decay_steps if int(s) > warmup}
     after = optax.piecewise_constant_schedule(lr, boundaries)
   if warmup == 0:
     return after
@@ -52,22 +61,22 @@ def make_schedule(optim: Any, total_steps: int) -> optax.Schedule:
 def make_optimizer(optim: Any, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`(tx, schedule)` from `config.optim` (see the module docstring for the fields)."""
-  name = optim.get("name")
+  name = optim.name
   if name not in _NAMES:
     raise ValueError(f"optim.name={name!r} is not one of {_NAMES}")
   schedule = make_schedule(optim, total_steps)
   parts = []
-  clip = float(optim.get("grad_clip_norm", 0.0))
+  clip = float(optim.grad_clip_norm)
   if clip > 0:
     parts.append(optax.clip_by_global_norm(clip))
-  wd = float(optim.get("weight_decay", 0.0))
+  wd = float(optim.weight_decay)
   if name == "sgd":
     if wd:
       parts.append(optax.add_decayed_weights(wd))  # L2 added to the gradient, as torch SGD
-    parts.append(optax.sgd(schedule, momentum=float(optim.get("momentum", 0.9)) or None,
-                           nesterov=bool(optim.get("nesterov", False))))
+    parts.append(optax.sgd(schedule, momentum=float(optim.momentum) or None,
+                           nesterov=bool(optim.nesterov)))
   else:
-    parts.append(optax.adamw(schedule, b1=float(optim.get("b1", 0.9)),
-                             b2=float(optim.get("b2", 0.999)), eps=float(optim.get("eps", 1e-8)),
+    parts.append(optax.adamw(schedule, b1=float(optim.b1),
+                             b2=float(optim.b2), eps=float(optim.eps),
                              weight_decay=wd))
   return optax.chain(*parts), schedule

@@ -130,10 +130,32 @@ def create_state(
   return state, Setup(graphdef=graphdef, shardings=shardings, abstract=abstract)
 
 
+def eval_params(state: TrainState) -> Any:
+  """The parameters evaluations and exports use: the EMA when the run keeps one, else the raw
+  parameters."""
+  return state.ema if state.ema is not None else state.params
+
+
 def merge(graphdef: nnx.GraphDef, state: TrainState, *, use_ema: bool = False) -> nnx.Module:
   """The NNX model holding `state`'s parameters (or their EMA) and other variables."""
-  params = state.ema if use_ema and state.ema is not None else state.params
-  return nnx.merge(graphdef, params, state.rest)
+  return nnx.merge(graphdef, eval_params(state) if use_ema else state.params, state.rest)
+
+
+def jit_method(graphdef: nnx.GraphDef, method: str, *, eval_mode: bool = False,
+               **jit_kwargs: Any) -> Callable[..., Any]:
+  """`jax.jit` of `(params, rest, *args) -> merge(graphdef, params, rest).<method>(*args)`.
+
+  One jitted merge-and-call for evaluations (e.g. `method='embed'`); `eval_mode` switches
+  the merged model to inference behaviour (batch-norm statistics, no dropout) first.
+  """
+
+  def call(params, rest, *args):
+    model = nnx.merge(graphdef, params, rest)
+    if eval_mode:
+      model.eval()
+    return getattr(model, method)(*args)
+
+  return jax.jit(call, **jit_kwargs)
 
 
 def make_train_step(

@@ -1,0 +1,132 @@
+"""The stage-2 network: a pixel DiT, the frozen stage-1 backbone and the real class-centre rows.
+
+The DiT sees the noisy image ⊕ the landmark image (6 channels), plus 3 channels per
+Gaussian-blurred copy of the landmark image (`landmark_blur` σ in pixels); its condition is
+`t_emb + Linear(row)`. The frozen FR network (identity loss, identity metrics) and the row table
+are `Frozen` variables: the stage-2 optimizer never sees them (`TRAINABLE`).
+
+Everything here takes plain arguments (σ, dtypes, sizes), not a config section.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vigface_jax.data import landmarks as landmarks_lib
+from vigface_jax.models import dit as dit_lib
+from vigface_jax.models import iresnet
+
+# What the stage-2 optimizer updates: the DiT's parameters only (the FR network and the rows
+# ride in the train state's non-optimised part and get no gradient).
+TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("dit"))
+
+
+class Frozen(nnx.Variable):
+  """A variable the stage-2 optimizer never sees (the FR network's weights, the row table)."""
+
+
+class Stage2(nnx.Module):
+  """DiT + frozen stage-1 backbone + the real class-centre rows `[n, d]`."""
+
+  def __init__(self, variant: str, *, patch_size: int, fr_arch: str, embed_dim: int,
+               fr_input_size: int, num_real: int, landmark_blur: tuple[float, ...] = (),
+               dtype: Any = jnp.float32, remat: bool = False, scan_blocks: bool = False,
+               output_overlap: int = 0, rngs: nnx.Rngs):
+    """Args: the DiT's `dit.VARIANTS` name and patch size; the stage-1 backbone's arch,
+    embedding size (= the rows' size) and input side; the number of real rows; σ of the
+    blurred landmark copies; the DiT's compute dtype, remat, scan over blocks and output
+    overlap (`models.dit.DiT`); initialisation RNGs."""
+    self.landmark_blur = tuple(float(s) for s in landmark_blur)
+    self.dit = dit_lib.DiT(variant, patch_size=int(patch_size), cond_dim=embed_dim,
+                           in_channels=input_channels(self.landmark_blur),
+                           cond_scale=math.sqrt(embed_dim),  # unit rows → unit RMS
+                           dtype=dtype, remat=bool(remat), scan_blocks=bool(scan_blocks),
+                           output_overlap=int(output_overlap), rngs=rngs)
+    self.fr = iresnet.IResNet(fr_arch, embed_dim=embed_dim, input_size=fr_input_size, rngs=rngs)
+    self.fr.eval()
+    self.fr_input_size = int(fr_input_size)
+    self.rows = Frozen(jnp.zeros((num_real, embed_dim), jnp.float32),
+                       out_sharding=("classes", "embed"), eager_sharding=False)
+
+  def landmark_channels(self, landmark_image: jax.Array) -> jax.Array:
+    """`landmark_channels` under this model's `landmark_blur`."""
+    return landmark_channels(landmark_image, self.landmark_blur)
+
+  def denoise(self, x_t: jax.Array, t: jax.Array, cond: jax.Array | None,
+              channels: jax.Array) -> jax.Array:
+    """The DiT's prediction for noisy images `x_t` under rows `cond` and landmark channels."""
+    return self.dit(jnp.concatenate([x_t, channels], axis=-1), t, cond)
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """Normalised float `[-1, 1]` or uint8 faces → stage-1 embeddings (frozen)."""
+    return self.fr(iresnet.prepare(images, self.fr_input_size))
+
+
+def to_model_range(images: jax.Array) -> jax.Array:
+  """uint8 → float32 in [-1, 1] (the FR network's normalisation too)."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+  """Model-range images in [-1, 1] → uint8 (rounded, clipped)."""
+  return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def landmark_input(points: jax.Array, has: jax.Array) -> jax.Array:
+  """Landmark images in [-1, 1]; examples without landmarks get the empty (black) image."""
+  image = to_model_range(landmarks_lib.render_landmark_image_jnp(points))
+  return jnp.where(has[:, None, None, None], image, -1.0)
+
+
+def model_landmarks(points: np.ndarray) -> np.ndarray:
+  """Landmark sets `[n, 5, 2]` -> their landmark images in the DiT's input range, numpy."""
+  points = jnp.asarray(points, jnp.float32)
+  return np.asarray(landmark_input(points, jnp.ones(points.shape[0], bool)))
+
+
+@functools.cache
+def _gaussian_matrix(size: int, sigma: float) -> np.ndarray:
+  """`[size, size]` 1-D Gaussian blur with zero padding, scaled so a 13-pixel landmark
+  diamond peaks near 1 once blurred along both axes."""
+  i = np.arange(size, dtype=np.float64)
+  g = np.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma) ** 2)
+  return (g / math.sqrt(13.0)).astype(np.float32)
+
+
+def landmark_fields(landmark_image: jax.Array, sigmas: tuple[float, ...]) -> list[jax.Array]:
+  """Gaussian-blurred copies `[b, H, W, 3]` of landmark images in [-1, 1], one per σ.
+
+  A landmark image says where a point is only in the few pixels of its diamond, so only the
+  tokens that hold a diamond see it. Blurred, every pixel within a few σ carries how far and
+  in which direction each point lies, and so does each token's patch embedding. Values: the
+  dots' blurred density in [-1, ~1] (background -1).
+  """
+  if not sigmas:
+    return []
+  dots = (landmark_image.astype(jnp.float32) + 1.0) * 0.5
+  h, w = dots.shape[1:3]
+  out = []
+  for sigma in sigmas:
+    gy, gx = jnp.asarray(_gaussian_matrix(h, sigma)), jnp.asarray(_gaussian_matrix(w, sigma))
+    out.append(jnp.einsum("ij,bjkc,lk->bilc", gy, dots, gx) * 2.0 - 1.0)
+  return out
+
+
+def landmark_channels(landmark_image: jax.Array, sigmas: tuple[float, ...]) -> jax.Array:
+  """Landmark images `[b, H, W, 3]` -> the DiT's condition channels: the image, then its
+  blurred copies (`landmark_fields`), `[b, H, W, 3 + 3 · len(sigmas)]`. A sampler computes
+  them once per call, not at every step."""
+  fields = landmark_fields(landmark_image, sigmas)
+  return jnp.concatenate([landmark_image.astype(jnp.float32)] + fields, axis=-1)
+
+
+def input_channels(sigmas: tuple[float, ...]) -> int:
+  """The DiT's input channels: noisy image (3) ⊕ `landmark_channels`."""
+  return 6 + 3 * len(sigmas)
