@@ -27,146 +27,46 @@ Determinism: per-pixel work uses only IEEE-exact float32 operations (+ − × ÷
 floor, comparisons, table look-ups); transcendental functions are evaluated on Python scalars.
 So the same `(seed, identity, index)` gives the same pixels on any machine with the same numpy
 random streams (PCG64 + SeedSequence, stable across numpy releases).
+
+Layout: this module holds the per-image nuisance (`sample_nuisance`), the head geometry and
+landmarks, the renderer (`render`, `render_face`) and the grain source
+(`ProceduralFaceSource`). The identity factors (`IDENTITY_FACTORS`, `Identity`, `identity`)
+live in `faces_identity` and the ray-casting/anti-aliasing primitives and fixed noise fields in
+`faces_raster`; the identity names are re-exported here, so `faces.identity` etc. keep working.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-import types
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from vigface_jax.data import landmarks as lm
+# Re-exported: `faces.IDENTITY_FACTORS`, `faces.Identity` and `faces.identity` stay public here.
+from vigface_jax.data.faces_identity import (  # pylint: disable=unused-import
+    IDENTITY_FACTORS,
+    Identity,
+    identity,
+)
+from vigface_jax.data.faces_raster import (
+    _BG_FIELD,
+    _F32,
+    _GRID,
+    _NOISE,
+    _NOISE_FIELD,
+    _Surface,
+    _blend,
+    _ellipse,
+    _pixel_box,
+    _quad,
+    _sample,
+    _unit,
+)
 
 IMAGE_SIZE = lm.IMAGE_SIZE
 # Head units → aligned-frame pixels for a frontal face (template eye distance / eye spacing).
 _PX_PER_UNIT = 46.0
-_TEX = 64  # texture tables are _TEX × _TEX
-_F32 = np.float32
-
-IDENTITY_FACTORS = (
-    "head_w", "head_h", "head_d", "skin_tone", "skin_red", "eye_dx", "eye_y", "eye_rx",
-    "eye_ry", "eye_tilt", "iris_hue", "iris_dark", "brow_thick", "brow_arch", "brow_gap",
-    "brow_dark", "nose_len", "nose_w", "nose_protrude", "nostril", "mouth_y", "mouth_w",
-    "lip_thick", "lip_red", "hair_dark", "hair_red", "hair_grey", "hairline", "hairline_curve",
-    "hair_volume", "hair_len", "fringe", "bald", "beard", "beard_extent", "moles", "freckles",
-    "blush", "ear_size", "texture",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Identity:
-  """Identity factors (head units: the head half-width is about 1).
-
-  `vector` holds the factors that a person would call "similar looking" (skin, hair, head
-  shape, beard), normalised to [0, 1]; verification pairs use it to pick hard negatives.
-  """
-
-  p: Mapping[str, Any]  # read-only view: identities are cached and shared
-  skin: np.ndarray  # float32 [3]
-  hair: np.ndarray  # float32 [3]
-  iris: np.ndarray  # float32 [3]
-  lips: np.ndarray  # float32 [3]
-  texture: np.ndarray  # float32 [_TEX, _TEX], zero-mean skin/hair texture
-  moles: np.ndarray  # float32 [m, 3]: hx, hy, radius
-  vector: np.ndarray  # float32 [d]
-
-
-def _lerp3(stops: np.ndarray, t: float) -> np.ndarray:
-  """Piecewise-linear colour ramp through `stops` [k, 3] at t in [0, 1]."""
-  t = min(max(t, 0.0), 1.0) * (len(stops) - 1)
-  i = min(int(t), len(stops) - 2)
-  f = t - i
-  return (stops[i] * (1 - f) + stops[i + 1] * f).astype(_F32)
-
-
-_SKIN = np.array([[0.97, 0.84, 0.74], [0.90, 0.70, 0.56], [0.76, 0.55, 0.40],
-                  [0.55, 0.37, 0.25], [0.33, 0.21, 0.14]], np.float64)
-_HAIR = np.array([[0.93, 0.82, 0.56], [0.62, 0.45, 0.25], [0.35, 0.22, 0.12],
-                  [0.12, 0.08, 0.06], [0.04, 0.03, 0.03]], np.float64)
-_IRIS = np.array([[0.30, 0.50, 0.78], [0.40, 0.55, 0.35], [0.50, 0.40, 0.20],
-                  [0.30, 0.18, 0.10], [0.12, 0.08, 0.06]], np.float64)
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, passes: int) -> np.ndarray:
-  """Zero-mean, unit-std tileable noise smoothed by `passes` [1, 2, 1] filters per axis."""
-  t = rng.standard_normal((size, size), dtype=_F32)
-  for _ in range(passes):
-    t = (np.roll(t, 1, 0) + 2 * t + np.roll(t, -1, 0)) * _F32(0.25)
-    t = (np.roll(t, 1, 1) + 2 * t + np.roll(t, -1, 1)) * _F32(0.25)
-  t = t - t.mean(dtype=np.float64).astype(_F32)
-  return t / max(float(t.std(dtype=np.float64)), 1e-6)
-
-
-# 2,048 identities × 16 KiB of texture: small enough for every grain worker to hold a copy.
-@functools.lru_cache(maxsize=2048)
-def identity(seed: int, identity_id: int) -> Identity:
-  """The identity factors of `identity_id` under `seed` (cached; pure function)."""
-  rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(identity_id), 7919]))
-  u = {name: float(v) for name, v in zip(IDENTITY_FACTORS, rng.random(len(IDENTITY_FACTORS)))}
-  p = {
-      "head_w": 0.80 + 0.16 * u["head_w"],
-      "head_h": 1.10 + 0.22 * u["head_h"],
-      "head_d": 0.85 + 0.18 * u["head_d"],
-      "eye_dx": 0.275 + 0.10 * u["eye_dx"],
-      "eye_y": -0.16 + 0.14 * u["eye_y"],
-      "eye_rx": 0.10 + 0.05 * u["eye_rx"],
-      "eye_ry": 0.042 + 0.03 * u["eye_ry"],
-      "eye_tilt": -0.18 + 0.36 * u["eye_tilt"],
-      "iris_r": 0.45 + 0.15 * u["iris_dark"],
-      "brow_thick": 0.022 + 0.045 * u["brow_thick"],
-      "brow_arch": 0.0 + 0.08 * u["brow_arch"],
-      "brow_gap": 0.11 + 0.09 * u["brow_gap"],
-      "brow_dark": 0.35 + 0.6 * u["brow_dark"],
-      "nose_len": 0.22 + 0.16 * u["nose_len"],
-      "nose_w": 0.075 + 0.07 * u["nose_w"],
-      "nose_protrude": 0.13 + 0.16 * u["nose_protrude"],
-      "nostril": 0.018 + 0.02 * u["nostril"],
-      "mouth_y": 0.55 + 0.17 * u["mouth_y"],
-      "mouth_w": 0.20 + 0.11 * u["mouth_w"],
-      "lip_thick": 0.035 + 0.035 * u["lip_thick"],
-      "hairline": -0.92 + 0.38 * u["hairline"],
-      "hairline_curve": -0.25 + 0.55 * u["hairline_curve"],
-      "hair_volume": 0.04 + 0.22 * u["hair_volume"],
-      "hair_len": -0.2 + 1.6 * u["hair_len"] ** 2,
-      "fringe": u["fringe"] < 0.18,
-      "fringe_y": -0.55 + 0.3 * u["brow_gap"],
-      "bald": u["bald"] < 0.08,
-      "beard": u["beard"] < 0.25,
-      "beard_density": 0.35 + 0.6 * u["beard_extent"],
-      "beard_top": 0.25 + 0.25 * u["beard_extent"],
-      "freckles": max(0.0, u["freckles"] - 0.75) * 2.4,
-      "blush": 0.08 * u["blush"],
-      "ear_size": 0.17 + 0.12 * u["ear_size"],
-  }
-  skin = _lerp3(_SKIN, u["skin_tone"])
-  red = -0.04 + 0.08 * u["skin_red"]
-  skin = _unit(skin + np.array([red, 0.0, -red], _F32)).astype(_F32)
-  grey = max(0.0, u["hair_grey"] - 0.8) * 4.0
-  hair = _lerp3(_HAIR, u["hair_dark"])
-  hair = hair + np.array([0.12, 0.02, -0.04], _F32) * (u["hair_red"] - 0.3)
-  hair = _unit(hair * (1 - grey) + _F32(0.72) * grey).astype(_F32)
-  iris = _lerp3(_IRIS, u["iris_hue"])
-  lips = np.clip(skin * _F32(0.7) + np.array([0.2, -0.03, -0.01], _F32) * (0.6 + u["lip_red"]),
-                 0, 1).astype(_F32)
-  n_moles = int(u["moles"] * 4.0)
-  moles = np.stack([rng.uniform(-0.6, 0.6, n_moles), rng.uniform(-0.5, 0.8, n_moles),
-                    rng.uniform(0.012, 0.03, n_moles)], -1).astype(_F32).reshape(-1, 3)
-  # A window of one shared noise field: as random as a fresh table, ~0.3 ms cheaper, which
-  # matters when shuffled training meets more identities than the cache holds.
-  ty, tx = rng.integers(0, _TEXTURE_FIELD.shape[0] - _TEX, 2)
-  texture = np.ascontiguousarray(_TEXTURE_FIELD[ty:ty + _TEX, tx:tx + _TEX])
-  vector = np.array([u["skin_tone"], u["skin_red"], u["hair_dark"], u["hair_red"], grey,
-                     float(p["bald"]), u["hair_len"], u["hairline"], float(p["beard"]),
-                     u["head_w"], u["head_h"]], _F32)
-  arrays = dict(skin=skin, hair=hair, iris=iris, lips=lips, texture=texture, moles=moles,
-                vector=vector)
-  for arr in arrays.values():  # cached and shared: a caller's in-place edit would leak
-    arr.flags.writeable = False
-  return Identity(p=types.MappingProxyType(p), **arrays)
 
 
 def sample_nuisance(rng: np.random.Generator, yaw: float | None = None) -> dict[str, Any]:
@@ -263,142 +163,6 @@ def landmarks_3d(ident: Identity, q: dict[str, Any]) -> np.ndarray:
     else:
       out[i] = (xy[0], xy[1], _surface_z(p, *xy))
   return out
-
-
-class _Surface:
-  """Per-pixel ray casts onto axis-aligned (in head space) ellipsoids.
-
-  Pixels map to camera coordinates (u, v); the orthographic ray (u, v, z) meets the ellipsoid
-  `sum(((R^T p - c) / a)^2) = 1` where a quadratic in z has a non-negative discriminant.
-  """
-
-  def __init__(self, u: np.ndarray, v: np.ndarray, rot: np.ndarray, px_per_unit: float):
-    self.u, self.v, self.px = u, v, px_per_unit
-    self.rot = rot
-    self.rt = rot.T.tolist()  # Python floats: the scalar set-up below is per-call overhead
-
-  def cast(self, centre, axes, box=(slice(None), slice(None))):
-    """Ray-casts the pixels of `box` onto the ellipsoid (centre, semi-axes) in head space.
-
-    Returns:
-      (coverage, camera z, head-space point [3 arrays], normal [3 arrays] unnormalised), each
-      array of the box's shape.
-    """
-    rt = self.rt
-    inv = [1.0 / float(a) ** 2 for a in axes]
-    cc = (self.rot @ np.asarray(centre, np.float64)).tolist()  # centre in camera space
-    du = self.u[box] - _F32(cc[0])
-    dv = self.v[box] - _F32(cc[1])
-    qa = sum(rt[i][2] ** 2 * inv[i] for i in range(3))
-    bu = 2 * sum(rt[i][0] * rt[i][2] * inv[i] for i in range(3))
-    bv = 2 * sum(rt[i][1] * rt[i][2] * inv[i] for i in range(3))
-    cuu = sum(rt[i][0] ** 2 * inv[i] for i in range(3))
-    cuv = 2 * sum(rt[i][0] * rt[i][1] * inv[i] for i in range(3))
-    cvv = sum(rt[i][1] ** 2 * inv[i] for i in range(3))
-    # In-place arithmetic: this runs on every pixel of a frame several times per image.
-    qb = du * bu
-    qb += dv * bv
-    qc = du * cuu
-    qc += dv * cuv
-    qc *= du
-    qc += (dv * dv) * cvv
-    qc -= 1.0
-    # s = 1 - Q(u, v) of the silhouette ellipse; |grad Q| ≈ 2 / radius at the rim.
-    s = qb * qb
-    qc *= 4 * qa
-    s -= qc
-    s *= 1.0 / (4 * qa)
-    radius = math.prod(float(a) for a in axes) ** (1 / 3)
-    cover = _unit(s * (0.5 * radius * self.px) + 0.5)
-    z = np.maximum(s, 0.0)
-    np.sqrt(z, out=z)
-    z *= 2 * math.sqrt(qa)
-    z -= qb
-    z *= 1.0 / (2 * qa)
-    local = []
-    for i in range(3):
-      li = du * rt[i][0]
-      li += dv * rt[i][1]
-      li += z * rt[i][2]
-      local.append(li)
-    head = [local[i] + float(centre[i]) for i in range(3)]
-    normal = [local[i] * inv[i] for i in range(3)]
-    z += cc[2]
-    return cover, z, head, normal
-
-
-def _unit(x):
-  """Clips to [0, 1]: two ufunc calls are cheaper than np.clip's Python wrapper."""
-  return np.minimum(np.maximum(x, 0.0), 1.0)
-
-
-def _quad(dx2, dy2, rx, ry, sharp):
-  """Anti-aliased ellipse coverage from squared offsets in the ellipse's own frame.
-
-  `sharp` is the edge steepness in 1/units (pixels per unit gives one-pixel edges).
-  """
-  # Python floats only: a numpy float64 scalar would promote the float32 arrays (NEP 50).
-  rx, ry, sharp = float(rx), float(ry), float(sharp)
-  d = dx2 * (1 / rx**2) + dy2 * (1 / ry**2)
-  # (1 − d) / |∇d| is the distance to the rim to first order, so the edge is one pixel wide
-  # along both axes even for long thin shapes (lips, brows).
-  grad = np.sqrt(dx2 * (4 / rx**4) + dy2 * (4 / ry**4)) + 1e-6
-  return _unit((1 - d) * sharp / grad + 0.5)
-
-
-def _ellipse(x, y, cx, cy, rx, ry, sharp, rot=0.0):
-  """Anti-aliased coverage of an ellipse centred (cx, cy), rotated by `rot` radians."""
-  dx, dy = x - float(cx), y - float(cy)
-  if rot:
-    c, s = math.cos(rot), math.sin(rot)
-    dx, dy = dx * c + dy * s, dy * c - dx * s
-  return _quad(dx * dx, dy * dy, rx, ry, sharp)
-
-
-def _blend(canvas, alpha, colour):
-  """canvas ← canvas + alpha·(colour − canvas), in place.
-
-  Images are channel-first `[3, height, width]` while rendering: numpy broadcasts a
-  `[height, width]` alpha over a leading axis ~9× faster than over a trailing axis of size 3.
-
-  Args:
-    canvas: float32 [3, h, w], updated in place.
-    alpha: float32 [h, w].
-    colour: float32 [3] or [3, h, w].
-  """
-  if colour.ndim == 1:
-    colour = colour.reshape(3, 1, 1)
-  canvas += alpha * (colour - canvas)
-
-
-def _sample(table, x, y, scale):
-  """Nearest look-up of a tileable `[_TEX, _TEX]` table at (x·scale, y·scale)."""
-  # The offset keeps the truncating int cast a floor for the coordinates we meet (> −4096).
-  ix = (x * _F32(scale) + _F32(4096 * _TEX)).astype(np.int32) & (_TEX - 1)
-  iy = (y * _F32(scale) + _F32(4096 * _TEX)).astype(np.int32) & (_TEX - 1)
-  return np.take(table, iy * _TEX + ix)
-
-
-def _pixel_box(x: float, y: float, rad: float, size: int = IMAGE_SIZE):
-  """Slices of the pixels within `rad` of (x, y), or None when that misses the image."""
-  y0, y1 = max(int(y - rad), 0), min(int(y + rad) + 2, size)
-  x0, x1 = max(int(x - rad), 0), min(int(x + rad) + 2, size)
-  return (slice(y0, y1), slice(x0, x1)) if y0 < y1 and x0 < x1 else None
-
-
-_GRID = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(_F32)  # (y, x) pixel centres
-_GRID.flags.writeable = False
-# Camera noise windows are cut from one fixed field: drawing 37,632 fresh normals per image
-# would cost a third of the rendering time.
-_NOISE = 256
-_TEXTURE_FIELD = _smooth_noise(np.random.default_rng(np.random.SeedSequence([2024, 11, 30])),
-                               1024, 1)
-_NOISE_FIELD = np.random.default_rng(np.random.SeedSequence([2024, 11, 29])).standard_normal(
-    (3, _NOISE + IMAGE_SIZE, _NOISE + IMAGE_SIZE), dtype=_F32)
-# Background texture: windows of one fixed field of blocky noise (4-pixel cells).
-_BG_FIELD = np.tile(np.kron(
-    _smooth_noise(np.random.default_rng(np.random.SeedSequence([2024, 11, 28])), _TEX, 2),
-    np.ones((4, 4), _F32)), (2, 2))[:_NOISE + IMAGE_SIZE, :_NOISE + IMAGE_SIZE]
 
 
 def render(ident: Identity, q: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
