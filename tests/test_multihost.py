@@ -98,10 +98,13 @@ def _run_processes(workdir: pathlib.Path, logdir: pathlib.Path) -> list[str]:
   deadline = time.monotonic() + _TIMEOUT_S
   failed_at = None
   try:
-    while any(p.poll() is None for p in procs):
+    while True:
+      codes = [p.poll() for p in procs]  # every child, each time (no short-circuit)
+      if None not in codes:
+        break
       now = time.monotonic()
-      if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
-        failed_at = now
+      if failed_at is None and any(c not in (None, 0) for c in codes):
+        failed_at = now  # the others get a moment to print their own error, then go
       if now > deadline or (failed_at is not None and now > failed_at + 10):
         break
       time.sleep(0.2)
@@ -116,11 +119,15 @@ def _run_processes(workdir: pathlib.Path, logdir: pathlib.Path) -> list[str]:
     outputs.append(log.read())
     log.close()
   timed_out = time.monotonic() > deadline
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0 and out.rstrip().endswith("OK"), (
-        f"process {i} of {_NUM_PROCESSES} exited {p.returncode}"
-        f"{f' (killed after {_TIMEOUT_S} s)' if timed_out else ''}; "
-        f"return codes {[q.returncode for q in procs]}; its output ends:\n{out[-6000:]}")
+  failed = [i for i, (p, out) in enumerate(zip(procs, outputs))
+            if p.returncode != 0 or not out.rstrip().endswith("OK")]
+  # A child that failed by itself first; the ones killed here (-9) after it.
+  failed.sort(key=lambda i: procs[i].returncode < 0)
+  assert not failed, (
+      f"return codes {[p.returncode for p in procs]}"
+      f"{f' (killed after {_TIMEOUT_S} s)' if timed_out else ''}; logs in {logdir}\n" +
+      "\n".join(f"--- process {i} of {_NUM_PROCESSES} exited {procs[i].returncode}, its output "
+                f"ends:\n{outputs[i][-4000:]}" for i in failed))
   return outputs
 
 
