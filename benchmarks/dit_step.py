@@ -1,38 +1,62 @@
-r"""Stage-2 training step, JAX vs PyTorch: pixel-space DiT + MSE + AdamW, CPU float32.
+r"""Stage-2 training step, JAX vs PyTorch: the stage-2 trainer's step against the same work in
+PyTorch (pixel DiT + diffusion MSE + identity loss through a frozen IResNet + AdamW), CPU float32.
 
     python -m benchmarks.dit_step --variant=small --patch_size=16 --output_overlap=4 \
         --landmark_blur=6,16 --batch=32 --steps=5 [--write]
 
-One training step of `vigface_jax.models.dit.DiT` (112x112, 6 input channels, or 6 + 3 per
-`--landmark_blur` σ as in the demo config, 3 output channels, 512-d condition rows) against
-the same architecture written here in PyTorch the facebookresearch/DiT way (`models.py`): a
-`Conv2d` patch embedding (kernel = stride = p), the fixed 2-D sin-cos position embedding
-(DiT's numpy code, copied below), DiT's `TimestepEmbedder`, `c = t_emb + Linear(cond)` (our
-replacement of the `LabelEmbedder`), adaLN-Zero blocks with timm-style attention (`qkv` laid
-out `[3, heads, head_dim]`) through `F.scaled_dot_product_attention`, a tanh-GELU MLP, DiT's
-`FinalLayer` and `unpatchify`. With
-`--output_overlap=m` (the demo config uses 4) each token's `(p + 2m)²` window is weighted by
-the same cross-fade and overlap-added with `F.fold` (stride p, padding m), then divided by the
-folded weights: an independent implementation of `dit.fold_patches`.
+The defaults are `configs/dit.py:demo`'s model, diffusion and optimizer settings (DiT-small,
+patch 16, output_overlap 4, landmark_blur (6, 16), x0-prediction, condition dropout 0.1,
+identity-loss weight 0.05 on t <= 300, AdamW lr 3e-4 with gradient clipping at 1.0 and an EMA
+0.999 with warm-up); the frozen FR network is `configs/fr.py:demo`'s (`--fr_config`: IResNet
+`small`, 128-d, fed 48x48), which also sets the row size.
 
-Weights: our model is built first; its zero-initialised parameters (adaLN modulation kernels,
-the final linear kernel) and all biases are randomised (normal, std 0.02) so the output is not
-identically zero, then every parameter is copied into the torch model (kernels transposed, the
-patch-embedding kernel reshaped into conv layout, qkv re-ordered from our heads-major
-`[heads, 3, head_dim]` to timm's `[3, heads, head_dim]`). The forward outputs on the benchmark
-batch must agree (max |diff| / max |out| < 1e-3, asserted and printed) before anything is timed.
+**JAX: the trainer's own step.** What `train/dit.py` trains through `train/loop.py` `fit`,
+built the same way (`benchmarks/train_step.py`): `configs/dit.py:demo` with the flags' fields
+(float32), `optim.make_optimizer`, `state.create_state(dit.create_model(config, fr_info, n),
+..., trainable=stage2.TRAINABLE, ema=True)` and `state.make_train_step(graphdef, dit.dit_loss,
+...)`: one `jax.jit` over the whole donated train state. Per step it renders the batch's
+landmark images and their blurred copies, draws the timesteps, the noise and the condition
+dropout, runs the `models.stage2.Stage2` DiT forward + backward, the denoising MSE, the
+identity loss `||normalise(f_FR(clip(x0_hat))) - normalise(row)||^2` through the frozen
+IResNet (on kept rows with t <= 300), clips the gradient, applies AdamW, updates the EMA, and
+computes the gradient / update norms and the non-finite guard. It runs twice: blocks unrolled,
+and `model.scan_blocks=True` (the demo config's setting: the same weights stacked over depth,
+`jax.lax.scan` over the blocks; its losses must match).
 
-Step: predict a fixed random target (v-prediction-like) from `(x, t, cond)`; loss = mean
-squared error; AdamW (lr 1e-4, betas 0.9 / 0.999, eps 1e-8, weight decay 0, as DiT and
-`configs/dit.py`; `optax.adamw` and `torch.optim.AdamW` both decouple the decay). JAX: one
-`jax.jit` over the split NNX `(model, nnx.Optimizer(model, tx, wrt=nnx.Param))` state with the
-state donated; compile (`lower().compile()`) is reported separately. The JAX step runs twice:
-blocks unrolled (the default) and `scan_blocks=True` (the same weights stacked over depth,
-`jax.lax.scan` over the blocks; its losses must match). PyTorch: eager, default
-`torch.optim.AdamW` (its for-loop implementation on CPU). Each side runs two warm-up steps,
-then `--steps` timed steps, each ended by `jax.block_until_ready` (torch is synchronous on
-CPU); median and best are reported. The step-1 losses come from identical weights and must
-agree; the step-2 losses show the first AdamW updates agree too.
+**PyTorch: the same work, eager.** The same DiT written the facebookresearch/DiT way
+(`models.py`): a `Conv2d` patch embedding (kernel = stride = p), the fixed 2-D sin-cos
+position embedding (DiT's numpy code, copied below), DiT's `TimestepEmbedder`,
+`c = t_emb + Linear(cond_scale * cond)` (our replacement of the `LabelEmbedder`), adaLN-Zero
+blocks with timm-style attention (`qkv` laid out `[3, heads, head_dim]`) through
+`F.scaled_dot_product_attention`, a tanh-GELU MLP, DiT's `FinalLayer` and `unpatchify`; with
+`--output_overlap=m` each token's `(p + 2m)^2` window is weighted by the same cross-fade and
+overlap-added with `F.fold` (stride p, padding m), then divided by the folded weights (an
+independent implementation of `dit.fold_patches`). Around it, `TorchStage2Step` does what
+`dit_loss` does, step by step in torch: landmark images drawn from the points (the same
+Manhattan-diamond rule), Gaussian-blurred copies by two matmuls, `torch.randint` / `randn` /
+`rand` for t, noise and dropout, `q_sample`, the target and x0_hat of `--prediction`, the
+identity loss through the arcface_torch IResNet of `tests/test_iresnet.py` (eval mode,
+`requires_grad_(False)`, the image resized with `F.interpolate(bilinear, antialias=True)`),
+`clip_grad_norm_`, the default `torch.optim.AdamW` (its for-loop implementation on CPU) and
+DiT `train.py`'s `update_ema`. It does not do the JAX step's non-finite guard (a select over
+the state) or its update-norm metric: extra work on the JAX side only.
+
+Weights: the trainer's state is created, then, as `fit(initialize=...)` does, filled: the DiT's
+zero-initialised parameters (adaLN modulation kernels, the final linear kernel) and all biases
+are randomised (normal, std 0.02) so the output is not identically zero, the frozen IResNet
+gets the weights of a randomised torch IResNet (`load_insightface_state_dict`) and the row
+table random unit rows. Every DiT parameter is copied into the torch DiT (kernels transposed,
+the patch-embedding kernel reshaped into conv layout, qkv re-ordered from our heads-major
+`[heads, 3, head_dim]` to timm's `[3, heads, head_dim]`). The DiT forward outputs on a random
+batch must agree (max |diff| / max |out| < 1e-3, asserted and printed) before anything is
+timed. Steps 1 and 2 of the torch side use the random draws the trainer's step makes (t, noise,
+dropout from `fold_in(state.rng, step)`, recomputed here), so their losses must agree with the
+JAX ones (step 1 asserted: the same weights; step 2 checks the first AdamW update and EMA);
+the timed torch steps draw their own.
+
+Timing: compile (`lower().compile()`) is reported separately; each side runs two warm-up
+steps, then `--steps` timed steps, each ended by `jax.block_until_ready` (torch is synchronous
+on CPU); median and best are reported.
 
 Threads: as `benchmarks/fr_step.py`: `torch.set_num_threads(--threads)`, and this process is
 pinned to `--threads` CPUs (`os.sched_setaffinity`) before jax starts, since XLA:CPU sizes its
@@ -41,6 +65,7 @@ pool from the CPUs the process may use.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import pathlib
@@ -60,36 +85,59 @@ from absl import flags
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from benchmarks import data_pipeline as dp  # machine(), section_header(), write_output()
+from benchmarks import train_step  # the trainer's step, built and timed as loop.fit runs it
+from configs import dit as dit_config
+from configs import fr as fr_config
+from tests import test_iresnet as torch_ref  # the PyTorch arcface_torch IResNet copy
+from vigface_jax import parallel
+from vigface_jax.data import landmarks as landmarks_lib
+from vigface_jax.diffusion import schedules
 from vigface_jax.models import dit
+from vigface_jax.models import iresnet
+from vigface_jax.models import stage2
 from vigface_jax.train import dit as dit_train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_VARIANT = flags.DEFINE_string("variant", "small", "DiT variant (dit.VARIANTS).")
-_PATCH = flags.DEFINE_integer("patch_size", 8, "Patch side (divides 112).")
-_OVERLAP = flags.DEFINE_integer("output_overlap", 0, "DiT output_overlap (pixels).")
-_BLUR = flags.DEFINE_list("landmark_blur", [], "σ of the blurred landmark-image copies "
-                          "(configs/dit.py model.landmark_blur; the demo: 6,16), 3 more input "
-                          "channels each.")
+_DEMO = dit_config.get_config("demo")  # the flags' defaults
+_VARIANT = flags.DEFINE_string("variant", _DEMO.model.variant, "DiT variant (dit.VARIANTS).")
+_PATCH = flags.DEFINE_integer("patch_size", _DEMO.model.patch_size, "Patch side (divides 112).")
+_OVERLAP = flags.DEFINE_integer("output_overlap", _DEMO.model.output_overlap,
+                                "DiT output_overlap (pixels).")
+_BLUR = flags.DEFINE_list("landmark_blur", [f"{v:g}" for v in _DEMO.model.landmark_blur],
+                          "σ of the blurred landmark-image copies (configs/dit.py "
+                          "model.landmark_blur), 3 more input channels each; empty: none.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per step.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per framework (after 2 warm-up steps).")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for both frameworks.")
-_LR = flags.DEFINE_float("lr", 1e-4, "AdamW learning rate.")
+_LR = flags.DEFINE_float("lr", _DEMO.optim.lr, "AdamW learning rate (constant, no warm-up).")
+_PREDICTION = flags.DEFINE_enum("prediction", _DEMO.diffusion.prediction, ["v", "eps", "x0"],
+                                "What the DiT predicts (diffusion.prediction).")
+_COND_DROP = flags.DEFINE_float("cond_drop", _DEMO.diffusion.cond_drop,
+                                "Condition-dropout probability (diffusion.cond_drop).")
+_ID_WEIGHT = flags.DEFINE_float("id_loss_weight", _DEMO.diffusion.id_loss_weight,
+                                "Identity-loss weight (diffusion.id_loss_weight; 0: no identity "
+                                "loss, no FR network in the step).")
+_FR_CONFIG = flags.DEFINE_enum("fr_config", "demo", ["default", "demo", "tiny"],
+                               "configs/fr.py variant whose model (arch, embed_dim, input_size) "
+                               "is the frozen FR network; its embed_dim is the row size.")
 _WRITE = flags.DEFINE_bool("write", False, "Write the section into --output (BENCHMARKS.md).")
 # data_pipeline's flags: --output (BENCHMARKS.md) and --seed (weights and batch).
 flags.FLAGS.set_default("output", "BENCHMARKS.md")
 _SEED = dp._SEED  # pylint: disable=protected-access
 
 SECTION = "## DiT training step"
-INPUT_SIZE, OUT_CHANNELS, COND_DIM = 112, 3, 512
-NUM_TIMESTEPS = 1000
-REL_TOL = 1e-3
+INPUT_SIZE, OUT_CHANNELS = 112, 3
+NUM_REAL = int(_DEMO.data.num_identities)  # rows in the table (the demo's identities)
+REL_TOL = 1e-3  # DiT forward outputs
+LOSS_REL_TOL = 1e-3  # step-1 losses, JAX vs torch
+SCAN_REL_TOL = 1e-5  # losses, scan_blocks vs unrolled
 
 
 def landmark_blur() -> tuple[float, ...]:
@@ -99,7 +147,52 @@ def landmark_blur() -> tuple[float, ...]:
 
 def in_channels() -> int:
   """Noisy image ⊕ landmark image (6), plus 3 per blurred landmark copy (as stage 2)."""
-  return dit_train.input_channels(landmark_blur())
+  return stage2.input_channels(landmark_blur())
+
+
+def fr_info() -> dict[str, Any]:
+  """The frozen FR network, as `train/dit.py` reads it from a stage-1 export."""
+  m = fr_config.get_config(_FR_CONFIG.value).model
+  return {"arch": m.arch, "embed_dim": int(m.embed_dim), "input_size": int(m.input_size)}
+
+
+def cond_dim() -> int:
+  """Size of a condition row: the FR embedding's."""
+  return fr_info()["embed_dim"]
+
+
+def cond_scale() -> float:
+  """`Stage2`'s DiT condition scale (unit rows → unit-RMS projection inputs)."""
+  return math.sqrt(cond_dim())
+
+
+def stage2_config(scan_blocks: bool) -> ml_collections.ConfigDict:
+  """`configs/dit.py:demo` with the fields this benchmark measures set from its flags."""
+  config = dit_config.get_config("demo")
+  m = config.model
+  m.variant = _VARIANT.value
+  m.patch_size = _PATCH.value
+  m.output_overlap = _OVERLAP.value
+  m.landmark_blur = landmark_blur()
+  m.dtype = "float32"
+  m.remat = False
+  m.scan_blocks = scan_blocks
+  m.num_real = NUM_REAL
+  d = config.diffusion
+  d.prediction = _PREDICTION.value
+  d.cond_drop = _COND_DROP.value
+  d.id_loss_weight = _ID_WEIGHT.value
+  if d.weighting != "none" or float(d.landmark_drop) > 0:
+    raise app.UsageError("the torch reference implements diffusion.weighting='none' and "
+                         "landmark_drop=0 only")
+  config.data.global_batch_size = _BATCH.value
+  config.optim.lr = _LR.value
+  config.optim.warmup_steps = 0  # warm-up would make step 1 a zero update
+  config.train.num_steps = _STEPS.value + 2
+  config.train.seed = _SEED.value
+  dit_train.validate(config)
+  return config
+
 
 # ------------------------------------------------------- PyTorch (DiT models.py)
 
@@ -205,13 +298,15 @@ class TorchFinalLayer(nn.Module):
 class TorchDiT(nn.Module):
   """DiT `models.DiT` with a condition-row projection instead of the label embedder; NCHW."""
 
-  def __init__(self, v: dit.Variant, patch: int, mlp_ratio: float = 4.0, overlap: int = 0):
+  def __init__(self, v: dit.Variant, patch: int, mlp_ratio: float = 4.0, overlap: int = 0,
+               cond_scale: float = 1.0):
     super().__init__()
     self.patch, self.out_channels, self.overlap = patch, OUT_CHANNELS, overlap
+    self.cond_scale = cond_scale  # as `dit.DiT(cond_scale=...)`: Linear(cond_scale * cond)
     self.window = patch + 2 * overlap
     self.x_embedder = nn.Conv2d(in_channels(), v.hidden, kernel_size=patch, stride=patch)
     self.t_embedder = TorchTimestepEmbedder(v.hidden)
-    self.y_embedder = nn.Linear(COND_DIM, v.hidden)
+    self.y_embedder = nn.Linear(cond_dim(), v.hidden)
     pos = torch_2d_sincos_pos_embed(v.hidden, INPUT_SIZE // patch)
     self.register_buffer("pos_embed", torch.from_numpy(pos).float().unsqueeze(0),
                          persistent=False)
@@ -246,12 +341,141 @@ class TorchDiT(nn.Module):
 
   def forward(self, x, t, cond):
     x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
-    c = self.t_embedder(t) + self.y_embedder(cond)
+    c = self.t_embedder(t) + self.y_embedder(cond * self.cond_scale)
     for block in self.blocks:
       x = block(x, c)
     if self.overlap:
       return self.fold_windows(self.final_layer(x, c))
     return self.unpatchify(self.final_layer(x, c))
+
+
+# ------------------------------------------- PyTorch: the rest of the stage-2 step
+
+
+def torch_landmark_input(points: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+  """`stage2.landmark_input` in torch: `[b, 5, 2]` points → NCHW landmark images in [-1, 1].
+
+  Each point is a filled diamond `|dx| + |dy| <= DIAMOND_RADIUS` around its pixel (rounded half
+  up), later points drawn over earlier ones; examples without landmarks get the empty image.
+  """
+  size = INPUT_SIZE
+  base = torch.floor(points)
+  centre = base + (points - base >= 0.5).to(points.dtype)
+  cx, cy = centre[..., 0, None, None], centre[..., 1, None, None]  # [b, 5, 1, 1]
+  coords = torch.arange(size, dtype=points.dtype)
+  dist = (coords[None, :] - cx).abs() + (coords[:, None] - cy).abs()  # [b, 5, H, W]
+  ranks = torch.arange(1, landmarks_lib.NUM_LANDMARKS + 1)[:, None, None]
+  winner = torch.where(dist <= landmarks_lib.DIAMOND_RADIUS, ranks, 0).amax(dim=1) - 1
+  colours = torch.from_numpy(np.asarray(landmarks_lib.LANDMARK_COLOURS, np.float32))
+  image = colours[winner.clamp(min=0)] * (winner >= 0)[..., None]  # [b, H, W, 3], 0..255
+  image = image / 127.5 - 1.0
+  image = torch.where(has[:, None, None, None], image, torch.full_like(image, -1.0))
+  return image.permute(0, 3, 1, 2)
+
+
+@functools.cache
+def _gaussian(size: int, sigma: float) -> torch.Tensor:
+  i = torch.arange(size, dtype=torch.float64)
+  g = torch.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma) ** 2)
+  return (g / math.sqrt(13.0)).float()  # a blurred 13-pixel diamond peaks near 1
+
+
+def torch_landmark_channels(lmk: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
+  """`stage2.landmark_channels` in torch (NCHW): the image, then each blurred copy."""
+  dots = (lmk + 1.0) * 0.5
+  h, w = lmk.shape[-2:]
+  fields = [(_gaussian(h, s) @ dots @ _gaussian(w, s).T) * 2.0 - 1.0 for s in sigmas]
+  return torch.cat([lmk] + fields, dim=1)
+
+
+def torch_iresnet(info: dict[str, Any]) -> nn.Module:
+  """arcface_torch's IResNet (`tests/test_iresnet.py`) for `info`'s arch, size and input side."""
+  v = iresnet.VARIANTS[info["arch"]]
+  side = info["input_size"] // 16
+  cls = type("TorchIResNetAt", (torch_ref.TorchIResNet,), {"fc_scale": side * side})
+  return cls(v.layers, v.widths, v.se, num_features=info["embed_dim"])
+
+
+class TorchStage2Step:
+  """`dit_train.dit_loss` + clipping + AdamW + EMA, as a PyTorch training script does them.
+
+  `step(batch, draws=None)`: `draws = (t, noise, kept)` replaces the step's own
+  `torch.randint` / `torch.randn` / `torch.rand` draws (for the agreement checks).
+  """
+
+  def __init__(self, model: nn.Module, fr: nn.Module, rows: np.ndarray,
+               schedule: schedules.Schedule, config: ml_collections.ConfigDict):
+    self.model, self.fr = model.train(), fr.eval().requires_grad_(False)
+    self.rows = torch.from_numpy(rows)
+    self.a = torch.from_numpy(np.array(schedule.sqrt_alphas_cumprod, np.float32))
+    self.s = torch.from_numpy(np.array(schedule.sqrt_one_minus_alphas_cumprod, np.float32))
+    self.num_t = int(schedule.num_timesteps)
+    self.d, self.o, self.tr = config.diffusion, config.optim, config.train
+    self.fr_size = fr_info()["input_size"]
+    self.sigmas = tuple(config.model.landmark_blur)
+    self.opt = torch.optim.AdamW(model.parameters(), lr=float(self.o.lr),
+                                 betas=(float(self.o.b1), float(self.o.b2)),
+                                 eps=float(self.o.eps), weight_decay=float(self.o.weight_decay))
+    self.ema = ({n: p.detach().clone() for n, p in model.named_parameters()}
+                if float(self.tr.ema_decay) > 0 else None)
+    self.steps = 0
+
+  def loss(self, batch: dict[str, torch.Tensor], draws=None) -> tuple[torch.Tensor, ...]:
+    """(loss, diffusion loss, identity loss) of one batch; see `dit_train.dit_loss`."""
+    d = self.d
+    x0 = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    lmk = torch_landmark_input(batch["landmarks"], batch["has_landmarks"])
+    rows = self.rows[batch["label"]]
+    b = x0.shape[0]
+    if draws is None:
+      t = torch.randint(0, self.num_t, (b,))
+      noise = torch.randn_like(x0)
+      kept = torch.rand(b) >= float(d.cond_drop)
+    else:
+      t, noise, kept = draws
+    a, s = self.a[t].view(b, 1, 1, 1), self.s[t].view(b, 1, 1, 1)
+    x_t = a * x0 + s * noise
+    cond = torch.where(kept[:, None], rows, torch.zeros_like(rows))
+    pred = self.model(torch.cat([x_t, torch_landmark_channels(lmk, self.sigmas)], 1), t, cond)
+    kind = d.prediction
+    target = {"x0": x0, "eps": noise}.get(kind) if kind != "v" else a * noise - s * x0
+    diff = F.mse_loss(pred, target)
+    weight = float(d.id_loss_weight)
+    if weight <= 0:
+      return diff, diff, torch.zeros(())
+    if kind == "x0":
+      x0_hat = pred
+    elif kind == "eps":
+      x0_hat = (x_t - s * pred) / a
+    else:
+      x0_hat = a * x_t - s * pred
+    x = x0_hat.clamp(-1.0, 1.0)
+    if self.fr_size != INPUT_SIZE:
+      x = F.interpolate(x, size=(self.fr_size, self.fr_size), mode="bilinear",
+                        align_corners=False, antialias=True)
+    emb = F.normalize(self.fr(x), dim=-1)
+    per_example = (emb - F.normalize(rows, dim=-1)).square().sum(-1)
+    t_id = torch.where(kept, t, torch.full_like(t, self.num_t))
+    mask = (t_id <= int(d.id_loss_max_t)).float()
+    id_loss = (per_example * mask).sum() / mask.sum().clamp(min=1.0)
+    return diff + weight * id_loss, diff, id_loss
+
+  def step(self, batch: dict[str, torch.Tensor], draws=None) -> tuple[torch.Tensor, ...]:
+    losses = self.loss(batch, draws)
+    self.opt.zero_grad(set_to_none=True)
+    losses[0].backward()
+    if float(self.o.grad_clip_norm) > 0:
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.o.grad_clip_norm))
+    self.opt.step()
+    if self.ema is not None:  # DiT train.py's update_ema, with the trainer's warm-up
+      decay = float(self.tr.ema_decay)
+      if self.tr.ema_warmup:
+        decay = min(decay, (1.0 + self.steps) / (10.0 + self.steps))
+      with torch.no_grad():
+        for name, p in self.model.named_parameters():
+          self.ema[name].mul_(decay).add_(p.data, alpha=1 - decay)
+    self.steps += 1
+    return tuple(x.detach() for x in losses)
 
 
 # ------------------------------------------------------------- weight copying
@@ -311,48 +535,32 @@ def randomise_zero_init(model: dit.DiT, seed: int) -> None:
       param[...] = jnp.asarray(rng.normal(0.0, 0.02, param.shape).astype(np.float32))
 
 
-def scanned_copy(model: dit.DiT) -> dit.DiT:
-  """The same network built with `scan_blocks=True`, block weights stacked over depth."""
-  scanned = dit.DiT(model.variant, patch_size=model.patch_size, input_size=INPUT_SIZE,
-                    in_channels=in_channels(), out_channels=OUT_CHANNELS, cond_dim=COND_DIM,
-                    output_overlap=model.output_overlap, scan_blocks=True, rngs=nnx.Rngs(0))
-  dit.copy_into_scanned(model, scanned)  # copies: the unrolled model's state is donated
-  return scanned
-
-
 # ---------------------------------------------------------------------- JAX
 
 
-def jax_setup(model: dit.DiT):
-  """Optimizer and a jitted step over the donated split `(model, optimizer)` state."""
-  tx = optax.adamw(_LR.value, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  graphdef, state = nnx.split((model, optimizer))
-
-  def loss_fn(model, x, t, cond, target):
-    return jnp.mean(jnp.square(model(x, t, cond) - target))
-
-  def step(state, x, t, cond, target):
-    model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(loss_fn)(model, x, t, cond, target)
-    optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), loss
-
-  return state, jax.jit(step, donate_argnums=0)
+def jax_setup(config: ml_collections.ConfigDict, fill) -> train_step.TrainerStep:
+  """The stage-2 trainer's step (`make_train_step` over `dit_loss`), filled by `fill(model)`."""
+  mesh = parallel.mesh_from_config(config)
+  schedule = schedules.make_schedule(config.diffusion.schedule, int(config.diffusion.timesteps))
+  loss_fn = functools.partial(dit_train.dit_loss, cfg=config, schedule=schedule)
+  return train_step.build(config, mesh, dit_train.create_model(config, fr_info(), NUM_REAL),
+                          loss_fn, trainable=stage2.TRAINABLE, fill=fill)
 
 
-def torch_setup(model: TorchDiT):
-  opt = torch.optim.AdamW(model.parameters(), lr=_LR.value, betas=(0.9, 0.999), eps=1e-8,
-                          weight_decay=0.0)
-
-  def step(x, t, cond, target) -> torch.Tensor:
-    loss = F.mse_loss(model(x, t, cond), target)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.detach()
-
-  return step
+def trainer_draws(rng: np.ndarray, step: int, b: int, config: ml_collections.ConfigDict
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+  """(t, noise NCHW, kept) that `dit_train.dit_loss` draws at `step` (0-based) of a state
+  whose `rng` is `rng`: `make_train_step` passes `fold_in(rng, step)`; `dit_loss` splits it
+  into (t, noise, condition dropout, landmark dropout) keys. Recomputed here so the torch
+  side can take the same draws; if `dit_loss` changes how it draws, the step-1 loss check
+  fails and this needs the same change."""
+  key = jax.random.fold_in(jnp.asarray(rng), step)
+  r_t, r_n, r_c, _ = jax.random.split(key, 4)
+  t = jax.random.randint(r_t, (b,), 0, int(config.diffusion.timesteps))
+  noise = jax.random.normal(r_n, (b, INPUT_SIZE, INPUT_SIZE, OUT_CHANNELS), jnp.float32)
+  kept = jax.random.uniform(r_c, (b,)) >= float(config.diffusion.cond_drop)
+  to_t = lambda x: torch.from_numpy(np.array(x))
+  return to_t(t).long(), to_t(noise).permute(0, 3, 1, 2).contiguous(), to_t(kept)
 
 
 # -------------------------------------------------------------------- timing
@@ -363,74 +571,95 @@ def run() -> dict[str, Any]:
   torch.set_num_threads(_THREADS.value)
   v = dit.get_variant(_VARIANT.value)
   rng = np.random.default_rng(_SEED.value)
-  b = _BATCH.value
+  b, d = _BATCH.value, cond_dim()
+  # The training batch, as the stage-2 pipeline delivers it.
+  rows = rng.normal(size=(NUM_REAL, d)).astype(np.float32)
+  rows /= np.linalg.norm(rows, axis=-1, keepdims=True)  # stage-1 rows are unit vectors
+  points = (np.asarray(landmarks_lib.ARCFACE_TEMPLATE, np.float32)[None]
+            + rng.normal(0.0, 2.0, (b, 5, 2)).astype(np.float32))
+  batch = {"image": rng.integers(0, 256, (b, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8),
+           "label": rng.integers(0, NUM_REAL, (b,)).astype(np.int32),
+           "landmarks": points, "has_landmarks": np.ones((b,), bool)}
+  tbatch = {k: torch.from_numpy(np.array(x)) for k, x in batch.items()}
+  tbatch["label"] = tbatch["label"].long()
+  # Inputs of the forward-agreement check only.
   x = rng.normal(size=(b, INPUT_SIZE, INPUT_SIZE, in_channels())).astype(np.float32)
-  t = rng.integers(0, NUM_TIMESTEPS, (b,)).astype(np.int32)
-  cond = rng.normal(0.0, 0.05, (b, COND_DIM)).astype(np.float32)
-  target = rng.normal(size=(b, INPUT_SIZE, INPUT_SIZE, OUT_CHANNELS)).astype(np.float32)
+  t = rng.integers(0, int(_DEMO.diffusion.timesteps), (b,)).astype(np.int32)
+  cond = rng.normal(size=(b, d)).astype(np.float32) / math.sqrt(d)
 
-  jmodel = dit.DiT(v, patch_size=_PATCH.value, input_size=INPUT_SIZE, in_channels=in_channels(),
-                   out_channels=OUT_CHANNELS, cond_dim=COND_DIM,
-                   output_overlap=_OVERLAP.value, rngs=nnx.Rngs(_SEED.value))
-  randomise_zero_init(jmodel, _SEED.value)
-  tmodel = TorchDiT(v, _PATCH.value, overlap=_OVERLAP.value).train()
-  copy_into_torch(tmodel, jmodel)
+  tfr = torch_ref._randomise(torch_iresnet(fr_info()), _SEED.value)  # pylint: disable=protected-access
+  fr_state = {k: val.detach().clone() for k, val in tfr.state_dict().items()}
+  tmodel = TorchDiT(v, _PATCH.value, overlap=_OVERLAP.value, cond_scale=cond_scale()).train()
+  filled: dict[str, Any] = {}
 
-  jx, jt, jcond, jtarget = map(jnp.asarray, (x, t, cond, target))
-  # NHWC -> NCHW once, outside the timed step (JAX takes NHWC as it is).
-  tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-  tt, tcond = torch.from_numpy(t).long(), torch.from_numpy(cond)
-  ttarget = torch.from_numpy(target).permute(0, 3, 1, 2).contiguous()
+  def fill(model: stage2.Stage2) -> None:
+    """The benchmark's weights into a fresh state (as `fit(initialize=...)`)."""
+    if "dit" in filled:  # the scanned model: the same weights, stacked over depth
+      dit.copy_into_scanned(filled["dit"], model.dit)
+    else:
+      randomise_zero_init(model.dit, _SEED.value)
+      filled["dit"] = model.dit
+    iresnet.load_insightface_state_dict(model.fr, fr_state)
+    model.rows[...] = jnp.asarray(rows)
 
+  configs = {"jax": stage2_config(scan_blocks=False), "scan": stage2_config(scan_blocks=True)}
+  trainers = {"jax": jax_setup(configs["jax"], fill)}
+  jdit = filled["dit"]
+  copy_into_torch(tmodel, jdit)
   out: dict[str, Any] = {"params": sum(p.numel() for p in tmodel.parameters()),
                          "tokens": (INPUT_SIZE // _PATCH.value) ** 2, "hidden": v.hidden,
-                         "depth": v.depth, "heads": v.heads}
-  # Forward agreement (before any update; JAX eager, torch no-grad).
-  jout = np.asarray(jmodel(jx, jt, jcond))
+                         "depth": v.depth, "heads": v.heads, "fr": fr_info()}
+  # Forward agreement of the two DiTs (before any update; JAX eager, torch no-grad).
+  jout = np.asarray(jdit(jnp.asarray(x), jnp.asarray(t), jnp.asarray(cond)))
   with torch.no_grad():
-    tout = tmodel(tx, tt, tcond).permute(0, 2, 3, 1).numpy()
+    tout = tmodel(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(),
+                  torch.from_numpy(t).long(), torch.from_numpy(cond)).permute(0, 2, 3, 1).numpy()
   out["fwd_max_abs"] = float(np.max(np.abs(tout)))
   out["fwd_max_diff"] = float(np.max(np.abs(jout - tout)))
   out["fwd_rel"] = out["fwd_max_diff"] / out["fwd_max_abs"]
   print(f"forward: max |out| {out['fwd_max_abs']:.4g}, out std {float(np.std(tout)):.4g}, "
         f"max |jax - torch| {out['fwd_max_diff']:.3g} (relative {out['fwd_rel']:.3g})")
   assert out["fwd_rel"] < REL_TOL, f"forward outputs disagree: relative {out['fwd_rel']:.3g}"
+  # Built before the unrolled state is donated: the scanned state copies its DiT weights.
+  trainers["scan"] = jax_setup(configs["scan"], fill)
+  del jdit, filled
+  state_rng = np.asarray(trainers["jax"].state.rng)
+  schedule = schedules.make_schedule(configs["jax"].diffusion.schedule,
+                                     int(configs["jax"].diffusion.timesteps))
+  tstep = TorchStage2Step(tmodel, tfr, rows, schedule, configs["jax"])
 
-  smodel = scanned_copy(jmodel)  # before jmodel's state is donated
-  tstep = torch_setup(tmodel)
-
-  # JAX, blocks unrolled (`jax`) and scanned (`scan`, `scan_blocks=True`): compile, step 1
-  # and the step-2 warm-up, then the timed steps.
-  for side, model in (("jax", jmodel), ("scan", smodel)):
-    state, jstep = jax_setup(model)
-    t0 = time.perf_counter()
-    compiled = jstep.lower(state, jx, jt, jcond, jtarget).compile()
-    out[f"{side}_compile_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    state, loss = jax.block_until_ready(compiled(state, jx, jt, jcond, jtarget))
-    out[f"{side}_first_step_s"] = time.perf_counter() - t0
-    out[f"{side}_loss_1"] = float(loss)
-    state, loss = jax.block_until_ready(compiled(state, jx, jt, jcond, jtarget))
-    out[f"{side}_loss_2"] = float(loss)
-
-    def jax_once(compiled=compiled):
-      nonlocal state
-      state, loss = compiled(state, jx, jt, jcond, jtarget)
-      jax.block_until_ready((state, loss))
-
-    out[f"{side}_times"], out[f"{side}_cores"] = cpu_threads.time_calls(jax_once, _STEPS.value)
-    del state
+  # JAX, blocks unrolled (`jax`) and scanned (`scan`): compile, step 1 and the step-2
+  # warm-up, then the timed steps.
+  for side in ("jax", "scan"):
+    trainer = trainers.pop(side)
+    r = train_step.time_steps(trainer, trainer.put_batch(batch), _STEPS.value)
+    for k in ("compile_s", "first_step_s", "times", "cores"):
+      out[f"{side}_{k}"] = r[k]
+    for i in (1, 2):
+      m = r[f"metrics_{i}"]
+      out[f"{side}_loss_{i}"] = m["loss"]
+      out[f"{side}_diff_{i}"] = m["loss_diffusion"]
+      out[f"{side}_id_{i}"] = m.get("loss_identity", 0.0)
+    del trainer, r
 
   for k in ("loss_1", "loss_2"):
-    assert abs(out[f"scan_{k}"] - out[f"jax_{k}"]) <= 1e-5 * abs(out[f"jax_{k}"]), (
+    assert abs(out[f"scan_{k}"] - out[f"jax_{k}"]) <= SCAN_REL_TOL * abs(out[f"jax_{k}"]), (
         f"scan_blocks changed the {k.replace('_', ' ')}: {out[f'scan_{k}']} vs {out[f'jax_{k}']}")
+  # Torch steps 1 and 2 take the trainer's draws; the timed steps draw their own.
   t0 = time.perf_counter()
-  out["torch_loss_1"] = float(tstep(tx, tt, tcond, ttarget))
+  losses = tstep.step(tbatch, trainer_draws(state_rng, 0, b, configs["jax"]))
   out["torch_first_step_s"] = time.perf_counter() - t0
-  # Second step: warm-up; its loss checks the first AdamW updates agree.
-  out["torch_loss_2"] = float(tstep(tx, tt, tcond, ttarget))
-  out["torch_times"], out["torch_cores"] = cpu_threads.time_calls(lambda: tstep(tx, tt, tcond, ttarget),
-                                                 _STEPS.value)
+  out["torch_loss_1"], out["torch_diff_1"], out["torch_id_1"] = map(float, losses)
+  losses = tstep.step(tbatch, trainer_draws(state_rng, 1, b, configs["jax"]))
+  out["torch_loss_2"], out["torch_diff_2"], out["torch_id_2"] = map(float, losses)
+  out["loss_1_rel"] = abs(out["jax_loss_1"] - out["torch_loss_1"]) / abs(out["torch_loss_1"])
+  out["loss_2_rel"] = abs(out["jax_loss_2"] - out["torch_loss_2"]) / abs(out["torch_loss_2"])
+  assert out["loss_1_rel"] < LOSS_REL_TOL, (
+      f"step-1 losses disagree: jax {out['jax_loss_1']} (diffusion {out['jax_diff_1']}, "
+      f"identity {out['jax_id_1']}), torch {out['torch_loss_1']} (diffusion "
+      f"{out['torch_diff_1']}, identity {out['torch_id_1']})")
+  out["torch_times"], out["torch_cores"] = cpu_threads.time_calls(lambda: tstep.step(tbatch),
+                                                                  _STEPS.value)
   for side in ("jax", "scan", "torch"):
     out[f"{side}_s"] = float(np.median(out[f"{side}_times"]))
     out[f"{side}_best_s"] = float(np.min(out[f"{side}_times"]))
@@ -445,22 +674,39 @@ def run() -> dict[str, Any]:
 def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
   ms = lambda xs: ", ".join(f"{x:.3f}" for x in xs)
   b = _BATCH.value
+  fr = r["fr"]
+  id_w = _ID_WEIGHT.value
+  identity = (f"the identity loss (weight {id_w:g}, t <= {_DEMO.diffusion.id_loss_max_t}) "
+              f"through the frozen IResNet-{fr['arch']} ({fr['embed_dim']}-d, "
+              f"{fr['input_size']}x{fr['input_size']} input: x0_hat resized)"
+              if id_w > 0 else "no identity loss (`--id_loss_weight=0`)")
   lines = dp.section_header(SECTION, "benchmarks.dit_step", info) + [
       f"**CPU only** (no accelerator), float32, torch {torch.__version__}, "
       f"{r['torch_threads']} torch threads, process pinned to {r['affinity']} CPU(s) "
       f"(XLA:CPU's pool; `XLA_FLAGS`={r['xla_flags']!r}).",
       "",
-      f"One step = DiT-{_VARIANT.value} (hidden {r['hidden']}, depth {r['depth']}, "
-      f"{r['heads']} heads, {r['params'] / 1e6:.2f} M parameters), patch {_PATCH.value} "
-      f"({r['tokens']} tokens), output_overlap {_OVERLAP.value}, forward + backward on {b} "
-      f"float32 112x112x{in_channels()} "
-      f"inputs with random timesteps and {COND_DIM}-d condition rows, MSE against a fixed "
-      f"random 112x112x{OUT_CHANNELS} target, AdamW lr={_LR.value:g} (betas 0.9/0.999, "
-      "eps 1e-8, weight decay 0). Median and best of the timed steps after compile + 2 "
-      "warm-up steps.",
+      f"One step of stage-2 training on {b} uint8 112x112 faces with their landmark points: "
+      f"DiT-{_VARIANT.value} (hidden {r['hidden']}, depth {r['depth']}, {r['heads']} heads, "
+      f"{r['params'] / 1e6:.2f} M parameters), patch {_PATCH.value} ({r['tokens']} tokens), "
+      f"output_overlap {_OVERLAP.value}, {in_channels()} input channels (landmark image "
+      f"rendered in the step, blurred copies σ = {', '.join(_BLUR.value) or 'none'}), "
+      f"{cond_dim()}-d rows with condition dropout {_COND_DROP.value:g}, random t and noise "
+      f"drawn in the step, {_PREDICTION.value}-prediction MSE plus {identity}, gradient "
+      f"clipping at {_DEMO.optim.grad_clip_norm:g}, AdamW lr={_LR.value:g} (betas "
+      f"{_DEMO.optim.b1:g}/{_DEMO.optim.b2:g}, eps {_DEMO.optim.eps:g}, weight decay "
+      f"{_DEMO.optim.weight_decay:g}), EMA {_DEMO.train.ema_decay:g} with warm-up (the flags' "
+      "defaults are `configs/dit.py:demo`'s settings). Median and best of the timed steps "
+      "after compile + 2 warm-up steps.",
       "",
-      "| | JAX (ours, `jax.jit`, donated state) | JAX, `scan_blocks=True` | PyTorch (DiT "
-      "`models.py` recipe, eager) |",
+      "JAX columns: the stage-2 trainer's own step, as `train/loop.py` `fit` builds it "
+      "(`state.make_train_step` over `dit.dit_loss`, `trainable=stage2.TRAINABLE`, the "
+      "donated train state of `state.create_state`; it also computes the gradient and "
+      "update norms and the non-finite guard). PyTorch column: the same work in eager "
+      "PyTorch (`TorchStage2Step`: DiT `models.py` recipe, arcface_torch IResNet, "
+      "`clip_grad_norm_`, `torch.optim.AdamW`, DiT's `update_ema`).",
+      "",
+      "| | JAX (trainer's step, blocks unrolled) | JAX (trainer's step, `scan_blocks=True`: "
+      "the demo config's) | PyTorch (same work, eager) |",
       "|---|---:|---:|---:|",
       f"| compile (lower + compile) s | {r['jax_compile_s']:.1f} | {r['scan_compile_s']:.1f} "
       "| - |",
@@ -476,8 +722,11 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       f"{r['scan_cores']:.2f} | {r['torch_cores']:.2f} |",
       f"| images / s (median step) | {b / r['jax_s']:.1f} | {b / r['scan_s']:.1f} | "
       f"{b / r['torch_s']:.1f} |",
-      f"| loss, step 1 (same weights, same batch) | {r['jax_loss_1']:.6f} | "
+      f"| loss, step 1 (same weights, batch and draws) | {r['jax_loss_1']:.6f} | "
       f"{r['scan_loss_1']:.6f} | {r['torch_loss_1']:.6f} |",
+      f"| of which diffusion / identity, step 1 | {r['jax_diff_1']:.6f} / {r['jax_id_1']:.6f} "
+      f"| {r['scan_diff_1']:.6f} / {r['scan_id_1']:.6f} | {r['torch_diff_1']:.6f} / "
+      f"{r['torch_id_1']:.6f} |",
       f"| loss, step 2 (after one AdamW update) | {r['jax_loss_2']:.6f} | "
       f"{r['scan_loss_2']:.6f} | {r['torch_loss_2']:.6f} |",
       "",
@@ -487,12 +736,21 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       "",
       "Notes:",
       "",
-      "* Same weights on both sides: our DiT is initialised, its zero-initialised parameters "
-      "(adaLN modulation and final linear kernels) and all biases are set to normal(0, 0.02), "
-      "and everything is copied into the torch model (patch kernel into conv layout, qkv "
-      "re-ordered from heads-major to timm's `[3, heads, head_dim]`). Forward outputs on the "
-      f"benchmark batch: max |JAX - torch| = {r['fwd_max_diff']:.2e}, "
-      f"{r['fwd_rel']:.1e} of max |out| = {r['fwd_max_abs']:.3g} (asserted < {REL_TOL:g}).",
+      "* Same weights on both sides: the trainer's state is created, then the DiT's "
+      "zero-initialised parameters (adaLN modulation and final linear kernels) and all biases "
+      "are set to normal(0, 0.02), the frozen IResNet gets a randomised torch IResNet's "
+      "weights and the rows random unit vectors; the DiT is copied into the torch model "
+      "(patch kernel into conv layout, qkv re-ordered from heads-major to timm's "
+      "`[3, heads, head_dim]`). DiT forward outputs on a random batch: max |JAX - torch| = "
+      f"{r['fwd_max_diff']:.2e}, {r['fwd_rel']:.1e} of max |out| = {r['fwd_max_abs']:.3g} "
+      f"(asserted < {REL_TOL:g}).",
+      "* Same draws for the two untimed warm-up steps: torch takes the t, noise and dropout "
+      "the trainer's step draws from `fold_in(state.rng, step)`, so the losses agree "
+      f"(step 1: relative {r['loss_1_rel']:.1e}, asserted < {LOSS_REL_TOL:g}; step 2: "
+      f"{r['loss_2_rel']:.1e}). The timed torch steps draw their own (`torch.randint`, "
+      "`randn`, `rand`), as the JAX step does.",
+      "* Not mirrored on the torch side: the JAX step's non-finite guard (a select between the "
+      "old and new state) and its update-norm metric, work the JAX columns pay for alone.",
       "* Shared 2-core machine: other jobs may have used the same cores; see the load "
       "averages above. All JAX steps run before all torch steps, so a load change during "
       "the run hits one side only; treat the ratio as approximate.",
@@ -504,7 +762,8 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       "materialises the gradient at each block boundary. `optimization_barrier` does not "
       "help: XLA:CPU expands it away before fusion.",
       "* PyTorch is eager with the default `torch.optim.AdamW` (for-loop implementation on "
-      "CPU); the batch is converted to NCHW once, outside the timed step.",
+      "CPU); the batch reaches both sides as uint8 NHWC, and the torch step does its own "
+      "NCHW conversion.",
       "* Threads: as in the stage-1 section above (`torch.set_num_threads`, and the process "
       "pinned to `--threads` CPUs for XLA:CPU's pool). \"cores used\" shows what each side "
       "actually kept busy.",
@@ -521,7 +780,9 @@ def main(argv: list[str]) -> None:
   r = run()
   info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
   print(f"first-step loss: jax {r['jax_loss_1']:.6f}  torch {r['torch_loss_1']:.6f}  "
-        f"(|diff| {abs(r['jax_loss_1'] - r['torch_loss_1']):.2e})")
+        f"(|diff| {abs(r['jax_loss_1'] - r['torch_loss_1']):.2e}; diffusion "
+        f"{r['jax_diff_1']:.6f} / {r['torch_diff_1']:.6f}, identity {r['jax_id_1']:.6f} / "
+        f"{r['torch_id_1']:.6f})")
   print(f"second-step loss: jax {r['jax_loss_2']:.6f}  torch {r['torch_loss_2']:.6f}")
   print(f"scan_blocks: step median {r['scan_s']:.3f} s, losses {r['scan_loss_1']:.6f} / "
         f"{r['scan_loss_2']:.6f}; torch/scan = {r['ratio_scan']:.2f}")

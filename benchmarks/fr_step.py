@@ -2,20 +2,34 @@ r"""Stage-1 training step, JAX vs PyTorch: IResNet + ArcFace margin softmax + SG
 
     python -m benchmarks.fr_step --variant=r50 --batch=8 --num_classes=2000 --steps=3
 
-One training step of `vigface_jax.models.iresnet.IResNet` + `margin.ClassCentres` +
-`margin.margin_softmax_loss(margin_fn=arcface)` (s=64, m=0.5) + SGD (momentum 0.9, weight
-decay 5e-4, lr 0.1), against arcface_torch's recipe in PyTorch: the IResNet of
-`tests/test_iresnet.py` (a copy of insightface `backbones/iresnet.py`), `F.linear` of the
-normalised embeddings and centres clamped to [-1, 1] (PartialFC at sample rate 1),
-`CombinedMarginLoss`'s ArcFace path, `F.cross_entropy` and `torch.optim.SGD`.
+What is timed on the JAX side is the step stage-1 training runs: `train/fr.py` through
+`train/loop.py` `fit`. `configs/fr.py` (default variant) with the measured fields set from the
+flags (arch, 512-d embedding at 112x112, `--num_classes` real rows, ArcFace s/m, SGD lr /
+momentum / weight decay, constant schedule, no clipping, no EMA, float32), then exactly what
+`fit` builds from it (`benchmarks/train_step.py`): `optim.make_optimizer`,
+`state.create_state(fr.create_model(config, n, 0), ...)` and
+`state.make_train_step(graphdef, fr.fr_loss, ...)`: one `jax.jit` over the whole train state,
+donated, with explicit shardings, which besides forward + backward + SGD computes the gradient
+and update norms and keeps the old state if the step is not finite. `fr_loss` embeds the uint8
+batch with `FaceRecognizer.embed` (normalised inside the step by `(x / 255 - 0.5) / 0.5`) and
+takes `margin.margin_softmax_loss` with ArcFace over the class centres.
 
-Both sides start from the same weights (the torch backbone is converted into ours with
-`load_insightface_state_dict`, the centres copied), see the same uint8 batch (normalised inside
-the step by the same `(x / 255 - 0.5) / 0.5`), train BatchNorm in train mode, and keep the final
-BatchNorm1d scale frozen, as arcface_torch does. The JAX step is `jax.jit` over the split NNX
-state with the state donated; compile time (first call) is reported separately and excluded
-from the step time, which is the median of `--steps` steps after one more warm-up step, each
-ended by `jax.block_until_ready` (torch is synchronous on CPU).
+Fairness: `config.virtual.num_virtual = 0`. The real stage 1 adds `k` virtual rows to the
+centre matrix and `round(k * b / n)` virtual embeddings to each step; arcface_torch has no
+such thing, so both sides run a plain margin softmax over `--num_classes` centres. The
+reference is arcface_torch's recipe in PyTorch: the IResNet of `tests/test_iresnet.py` (a
+copy of insigh\tface `backbones/iresnet.py`), `F.linear` of the normalised embeddings and
+centres clamped to [-1, 1] (PartialFC at sample rate 1), `CombinedMarginLoss`'s ArcFace path,
+`F.cross_entropy` and `torch.optim.SGD`. arcface_torch freezes the final BatchNorm1d scale;
+the trainer trains it (an ordinary parameter, `models/iresnet.py`), so the torch side here
+trains it too (512 numbers: no measurable cost, but the same update on both sides).
+
+Both sides start from the same weights (the torch backbone is converted into the fresh train
+state with `load_insightface_state_dict`, the centres copied into the head), see the same
+uint8 batch, and train BatchNorm in train mode. The step-1 losses must agree (relative
+difference asserted < 1e-4). Compile time (`lower().compile()`) is reported separately and
+excluded from the step time, which is the median of `--steps` steps after two warm-up steps,
+each ended by `jax.block_until_ready` (torch is synchronous on CPU).
 
 Threads: `torch.set_num_threads(--threads)`; XLA:CPU has no `XLA_FLAGS` option for its
 intra-op pool size in this jaxlib (unknown flags abort), so both processes' threads are bounded
@@ -26,10 +40,13 @@ Known difference, reproduced on purpose: arcface_torch applies the ArcFace margi
 `torch.no_grad()`, so its target-logit gradient is the straight-through `s * dL/dlogit`; ours
 differentiates `s * cos(theta + m)`. Forward losses agree (checked on the first step); updates,
 and so later losses, differ slightly.
+
+`--output` (default BENCHMARKS.md) receives the section; pass `--output=` to only print it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import sys
@@ -45,18 +62,19 @@ if __package__ in (None, ""):  # `python benchmarks/fr_step.py`: make the repo i
 from benchmarks import cpu_threads  # pins --threads CPUs; before jax
 from absl import app
 from absl import flags
-from flax import nnx
-import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 import torch
 import torch.nn.functional as F
 
 from benchmarks import data_pipeline as dp  # machine(), section_header(), write_section()
+from benchmarks import train_step  # the trainer's step, built and timed as loop.fit runs it
+from configs import fr as fr_config
 from tests import test_iresnet as torch_ref  # the PyTorch arcface_torch IResNet copy
+from vigface_jax import parallel
 from vigface_jax.models import iresnet
-from vigface_jax.models import margin
+from vigface_jax.train import fr as fr_train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _VARIANT = flags.DEFINE_string("variant", "r50", "IResNet variant (iresnet.VARIANTS).")
@@ -75,6 +93,7 @@ _SEED = dp._SEED  # pylint: disable=protected-access
 
 SECTION = "## Stage-1 training step (IResNet + ArcFace)"
 EMBED_DIM = 512
+LOSS_REL_TOL = 1e-4
 
 
 # ------------------------------------------------------------------ PyTorch
@@ -103,6 +122,7 @@ def torch_setup(centres: np.ndarray):
   """Random torch backbone (torch default init), centres `[C, d]`, loss, optimizer."""
   v = iresnet.VARIANTS[_VARIANT.value]
   model = torch_ref.TorchIResNet(v.layers, v.widths, v.se, num_features=EMBED_DIM).train()
+  model.features.weight.requires_grad = True  # the trainer trains it (see the docstring)
   weight = torch.nn.Parameter(torch.from_numpy(centres.T.copy()))
   params = [p for p in model.parameters() if p.requires_grad] + [weight]
   opt = torch.optim.SGD(params, lr=_LR.value, momentum=_MOMENTUM.value,
@@ -125,44 +145,54 @@ def torch_setup(centres: np.ndarray):
 # ---------------------------------------------------------------------- JAX
 
 
-class Stage1(nnx.Module):
-  """Backbone + class centres (the trainable part of a stage-1 step)."""
+def jax_config() -> ml_collections.ConfigDict:
+  """`configs/fr.py` with the fields this benchmark measures set from its flags."""
+  config = fr_config.get_config("default")
+  # The benchmark feeds its own batch to the step; no data source is read ('procedural' only
+  # so that the task's validation, which insists on a data path for RecordIO, passes).
+  config.data.source = "procedural"
+  config.data.global_batch_size = _BATCH.value
+  config.model.arch = _VARIANT.value
+  config.model.embed_dim = EMBED_DIM
+  config.model.input_size = 112
+  config.model.dropout = 0.0
+  config.model.dtype = "float32"
+  config.model.num_real = _NUM_CLASSES.value
+  config.margin.name = "arcface"
+  config.margin.s = _SCALE.value
+  config.margin.m = _MARGIN.value
+  # No virtual rows: the PyTorch reference (arcface_torch) has none, so both do the same work.
+  config.virtual.num_virtual = 0
+  config.optim.name = "sgd"
+  config.optim.lr = _LR.value
+  config.optim.momentum = _MOMENTUM.value
+  config.optim.nesterov = False
+  config.optim.weight_decay = _WD.value
+  config.optim.schedule = "constant"
+  config.optim.warmup_steps = 0
+  config.optim.grad_clip_norm = 0.0
+  config.train.num_steps = _STEPS.value + 2
+  config.train.seed = _SEED.value
+  config.train.ema_decay = 0.0
+  fr_train.validate(config)
+  return config
 
-  def __init__(self, rngs: nnx.Rngs):
-    self.backbone = iresnet.IResNet(_VARIANT.value, embed_dim=EMBED_DIM, rngs=rngs)
-    self.centres = margin.ClassCentres(EMBED_DIM, _NUM_CLASSES.value, rngs=rngs)
 
+def jax_setup(state_dict: dict[str, Any], centres: np.ndarray) -> train_step.TrainerStep:
+  """The stage-1 trainer's step (`make_train_step` over `fr_loss`), state = the torch weights."""
+  config = jax_config()
+  mesh = parallel.mesh_from_config(config)
+  rules = config.sharding_rules
+  loss_fn = functools.partial(
+      fr_train.fr_loss, cfg=config,
+      logits_sharding=parallel.logical_sharding(mesh, ("batch", "classes"), rules))
 
-def _trainable(path, value) -> bool:
-  # arcface_torch freezes the final BatchNorm1d scale (requires_grad=False).
-  return isinstance(value, nnx.Param) and tuple(path[-2:]) != ("features", "scale")
+  def fill(model) -> None:
+    iresnet.load_insightface_state_dict(model.backbone, state_dict)
+    model.head.weight[...] = jnp.asarray(centres)
 
-
-def jax_setup(state_dict: dict[str, Any], centres: np.ndarray):
-  """Our model with the torch weights, an optimizer, and a jitted step over donated state."""
-  model = Stage1(nnx.Rngs(_SEED.value))
-  iresnet.load_insightface_state_dict(model.backbone, state_dict)
-  model.centres.weight[...] = jnp.asarray(centres)
-  model.train()
-  tx = optax.chain(optax.add_decayed_weights(_WD.value),
-                   optax.sgd(_LR.value, momentum=_MOMENTUM.value))
-  optimizer = nnx.Optimizer(model, tx, wrt=_trainable)
-  arcface = lambda cos, labels: margin.arcface(cos, labels, s=_SCALE.value, m=_MARGIN.value)
-  graphdef, state = nnx.split((model, optimizer))
-
-  def loss_fn(model, images, labels):
-    emb = model.backbone(images)
-    loss, _ = margin.margin_softmax_loss(emb, model.centres.weight[...], labels, arcface)
-    return loss
-
-  def step(state, images, labels):
-    model, optimizer = nnx.merge(graphdef, state)
-    diff = nnx.DiffState(0, _trainable)
-    loss, grads = nnx.value_and_grad(loss_fn, argnums=diff)(model, images, labels)
-    optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), loss
-
-  return state, jax.jit(step, donate_argnums=0)
+  return train_step.build(config, mesh, fr_train.create_model(config, _NUM_CLASSES.value, 0),
+                          loss_fn, fill=fill)
 
 
 # -------------------------------------------------------------------- timing
@@ -179,35 +209,24 @@ def run() -> dict[str, Any]:
   tmodel, tstep = torch_setup(centres)
   # Converted before torch trains: both start from identical weights and BN statistics.
   state_dict = {k: v.detach().clone() for k, v in tmodel.state_dict().items()}
-  state, jstep = jax_setup(state_dict, centres)
-
-  jimages, jlabels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+  trainer = jax_setup(state_dict, centres)
+  batch = trainer.put_batch({"image": images, "label": labels.astype(np.int32)})
   timages, tlabels = torch.from_numpy(images), torch.from_numpy(labels)
 
   out: dict[str, Any] = {}
-  t0 = time.perf_counter()
-  compiled = jstep.lower(state, jimages, jlabels).compile()
-  out["jax_compile_s"] = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  state, loss = jax.block_until_ready(compiled(state, jimages, jlabels))
-  out["jax_first_step_s"] = time.perf_counter() - t0
-  out["jax_loss_1"] = float(loss)
+  j = train_step.time_steps(trainer, batch, _STEPS.value)
+  out.update({f"jax_{k}": v for k, v in j.items() if not k.startswith("metrics")})
+  out["jax_loss_1"], out["jax_loss_2"] = j["metrics_1"]["loss"], j["metrics_2"]["loss"]
   t0 = time.perf_counter()
   out["torch_loss_1"] = float(tstep(timages, tlabels))
   out["torch_first_step_s"] = time.perf_counter() - t0
-
-  # Second step (warm-up for both; its loss shows how far one update apart the runs are).
-  state, loss = jax.block_until_ready(compiled(state, jimages, jlabels))
-  out["jax_loss_2"] = float(loss)
+  # Second step (warm-up; its loss shows how far one update apart the runs are).
   out["torch_loss_2"] = float(tstep(timages, tlabels))
-
-  def jax_once():
-    nonlocal state
-    state, loss = compiled(state, jimages, jlabels)
-    jax.block_until_ready((state, loss))
-
-  out["jax_times"], out["jax_cores"] = cpu_threads.time_calls(jax_once, _STEPS.value)
-  out["torch_times"], out["torch_cores"] = cpu_threads.time_calls(lambda: tstep(timages, tlabels), _STEPS.value)
+  out["loss_1_rel"] = abs(out["jax_loss_1"] - out["torch_loss_1"]) / abs(out["torch_loss_1"])
+  assert out["loss_1_rel"] < LOSS_REL_TOL, (
+      f"step-1 losses disagree: jax {out['jax_loss_1']} torch {out['torch_loss_1']}")
+  out["torch_times"], out["torch_cores"] = cpu_threads.time_calls(
+      lambda: tstep(timages, tlabels), _STEPS.value)
   out["jax_s"] = float(np.median(out["jax_times"]))
   out["torch_s"] = float(np.median(out["torch_times"]))
   out["ratio"] = out["torch_s"] / out["jax_s"]
@@ -228,7 +247,14 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       f"lr={_LR.value:g} momentum={_MOMENTUM.value:g} wd={_WD.value:g}; BatchNorm in train "
       "mode. Median of the timed steps after compile + 2 warm-up steps.",
       "",
-      "| | JAX (ours, `jax.jit`, donated state) | PyTorch (arcface_torch recipe) |",
+      "JAX column: the stage-1 trainer's own step, as `train/loop.py` `fit` builds it for "
+      "`configs/fr.py` with the fields above (`state.make_train_step` over `fr.fr_loss`, the "
+      "train state from `state.create_state`, donated, explicit shardings; it also computes "
+      "the gradient and update norms and the non-finite guard). No virtual rows "
+      "(`virtual.num_virtual = 0`): arcface_torch has none.",
+      "",
+      "| | JAX (the trainer's step: `make_train_step` + `fr_loss`) | PyTorch (arcface_torch "
+      "recipe) |",
       "|---|---:|---:|",
       f"| compile (lower + compile) s | {r['jax_compile_s']:.1f} | - |",
       f"| first step s (JAX: after compile) | {r['jax_first_step_s']:.2f} | "
@@ -250,13 +276,15 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       "see the load averages above. All JAX steps run before all torch steps, so a load "
       "change during the run hits one side only; treat the ratio as approximate.",
       "* Step-1 losses are computed from identical weights (torch IResNet converted with "
-      "`load_insightface_state_dict`, same centres) and must agree to float32 rounding. "
+      "`load_insightface_state_dict` into the fresh train state, same centres) and must agree "
+      f"to float32 rounding (relative {r['loss_1_rel']:.1e}, asserted < {LOSS_REL_TOL:g}). "
       "Step-2 losses may differ slightly: arcface_torch applies the ArcFace margin under "
       "`torch.no_grad()` (straight-through gradient at the target logit), ours "
       "differentiates `s * cos(theta + m)`.",
-      "* The final BatchNorm1d scale is frozen on both sides (arcface_torch's "
-      "`requires_grad=False`); weight decay applies to every other parameter, centres "
-      "included, as in arcface_torch.",
+      "* The final BatchNorm1d scale is trained on both sides: the trainer treats it as an "
+      "ordinary parameter, so the torch side lifts arcface_torch's `requires_grad=False` "
+      "(512 numbers). Weight decay applies to every parameter, centres included, as in "
+      "arcface_torch.",
       "* Threads: torch via `torch.set_num_threads`; XLA:CPU has no `XLA_FLAGS` option for "
       "its intra-op pool in this jaxlib (`--intra_op_parallelism_threads` aborts with "
       "\"Unknown flag in XLA_FLAGS\"), and sizes it from the CPUs the process may use, so "

@@ -1,0 +1,121 @@
+"""Shared by the training-step benchmarks: the trainer's own jitted step, loaded and timed.
+
+`build` makes exactly what `vigface_jax.train.loop.fit` makes for a config: the optimizer
+(`optim.make_optimizer(config.optim, train.num_steps)`), the sharded train state
+(`state.create_state`, EMA when `train.ema_decay > 0`) and the jitted, state-donating step
+(`state.make_train_step` with the task's real loss function and batch sharding). It then writes
+the benchmark's shared weights (the ones the PyTorch side gets) into the fresh state, as a
+task's `fit(initialize=...)` does, so both frameworks start from the same numbers.
+
+`time_steps` times that step as the benchmarks report it: `lower().compile()` separately,
+the first and second (warm-up) steps with their metrics, then `n` timed steps, each ended by
+`jax.block_until_ready`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import numpy as np
+
+from benchmarks import cpu_threads
+from vigface_jax import parallel
+from vigface_jax.train import optim
+from vigface_jax.train import state as state_lib
+
+
+@dataclasses.dataclass
+class TrainerStep:
+  """The trainer's step for one config, and the state it starts from."""
+
+  state: state_lib.TrainState
+  setup: state_lib.Setup
+  step: Callable[..., Any]  # jitted (state, batch) -> (state, metrics); state donated
+  mesh: Mesh
+  batch_sharding: Any
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """A host batch as the data pipeline delivers it: global arrays split over the batch axes."""
+    return jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, self.batch_sharding)
+
+
+def build(config: Any, mesh: Mesh, create_model: Callable[..., nnx.Module],
+          loss_fn: state_lib.LossFn, *, trainable: Any = nnx.Param,
+          fill: Callable[[nnx.Module], None] | None = None) -> TrainerStep:
+  """`loop.fit`'s optimizer, state and step for `config`; `fill(model)` then writes weights.
+
+  Args:
+    config: the task's config (`optim`, `train`, `sharding_rules`).
+    mesh: device mesh (`parallel.mesh_from_config(config)`).
+    create_model: the task's `create_model(...)` partial (`create(rngs=...)`).
+    loss_fn: the task's loss, `(model, batch, rng) -> (loss, metrics)`.
+    trainable: the task's optimised-variable filter.
+    fill: writes the benchmark's weights into the merged model in place (e.g.
+      `load_insightface_state_dict`); the state is re-split from it, the optimizer state and
+      the EMA re-initialised from the new parameters, and everything put back in the state's
+      shardings.
+  """
+  rules = config.sharding_rules
+  tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
+  ema_decay = float(config.train.ema_decay)
+  state, setup = state_lib.create_state(create_model, tx, mesh, seed=int(config.train.seed),
+                                        rules=rules, ema=ema_decay > 0, trainable=trainable)
+  if fill is not None:
+    model = nnx.merge(setup.graphdef, state.params, state.rest, copy=True)
+    fill(model)
+    _, params, rest = nnx.split(model, trainable, ...)
+    state = state.replace(params=params, rest=rest, opt_state=tx.init(params),
+                          ema=jax.tree.map(jnp.copy, params) if state.ema is not None else None)
+    state = jax.device_put(state, setup.shardings)
+  batch_sharding = parallel.batch_sharding(mesh, rules)
+  step = state_lib.make_train_step(setup.graphdef, loss_fn, tx, setup.shardings, batch_sharding,
+                                   ema_decay=ema_decay, ema_warmup=bool(config.train.ema_warmup),
+                                   trainable=trainable)
+  return TrainerStep(state=state, setup=setup, step=step, mesh=mesh,
+                     batch_sharding=batch_sharding)
+
+
+def model_of(trainer: TrainerStep) -> nnx.Module:
+  """The NNX model holding the trainer's current state (a copy: the state may be donated)."""
+  return nnx.merge(trainer.setup.graphdef, trainer.state.params, trainer.state.rest, copy=True)
+
+
+def _floats(metrics: dict[str, jax.Array]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def time_steps(trainer: TrainerStep, batch: dict[str, jax.Array], n: int) -> dict[str, Any]:
+  """Compile, step 1, step 2 (warm-up), then `n` timed steps of the trainer's step.
+
+  Returns `compile_s`, `first_step_s`, `metrics_1` and `metrics_2` (every metric of steps 1
+  and 2 as floats: `loss`, `grad_norm`, `finite` and the task's), `times` (seconds of each
+  timed step) and `cores` (process CPU seconds per wall second over them). The trainer's
+  state is advanced (and its old buffers donated) as it goes.
+  """
+  out: dict[str, Any] = {}
+  t0 = time.perf_counter()
+  compiled = trainer.step.lower(trainer.state, batch).compile()
+  out["compile_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  trainer.state, metrics = jax.block_until_ready(compiled(trainer.state, batch))
+  out["first_step_s"] = time.perf_counter() - t0
+  out["metrics_1"] = _floats(metrics)
+  trainer.state, metrics = jax.block_until_ready(compiled(trainer.state, batch))
+  out["metrics_2"] = _floats(metrics)
+  for k in (1, 2):
+    if out[f"metrics_{k}"]["finite"] <= 0:
+      raise AssertionError(f"the trainer's step {k} was not finite: {out[f'metrics_{k}']}")
+
+  def once():
+    trainer.state, metrics = compiled(trainer.state, batch)
+    jax.block_until_ready((trainer.state, metrics))
+
+  out["times"], out["cores"] = cpu_threads.time_calls(once, n)
+  return out
