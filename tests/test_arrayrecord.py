@@ -61,9 +61,9 @@ def test_tfds_data_source_reads_the_same(converted):
 
 def test_pipeline_reads_converted_data(converted):
   out, _ = converted
-  config = ml_collections.ConfigDict({"data": {
-      "source": "arrayrecord", "path": str(out), "global_batch_size": 4, "seed": 0,
-      "num_epochs": 1}})
+  from vigface_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"data": config_lib.data_config(
+      source="arrayrecord", path=str(out), global_batch_size=4, seed=0, num_epochs=1)})
   import jax  # pylint: disable=g-import-not-at-top
   from vigface_jax import parallel  # pylint: disable=g-import-not-at-top
   mesh = parallel.create_mesh(("data",), (-1,), devices=jax.devices()[:1])

@@ -76,7 +76,8 @@ def test_pose_probe_reads_the_turn_of_procedural_faces():
   assert real["pose_probe_r2"] == probe.r2
   still = generation.pose_scores(probe, img[:, 0], img[:, 0], gap)
   assert still["pose_follow"] == 0.0 and still["pose_agree"] == 0.0
-  assert generation.pose_scores(probe, img[:, 1], img[:, 0], gap)["pose_follow"] == pytest.approx(-1.0)
+  swapped = generation.pose_scores(probe, img[:, 1], img[:, 0], gap)
+  assert swapped["pose_follow"] == pytest.approx(-1.0)
   assert np.isnan(generation.pose_scores(probe, img[:, 0], img[:, 1], 0.0)["pose_follow"])
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import config_fields
 from configs import preview as preview_config
 from vigface_jax import config_lib
 from vigface_jax import main as main_lib
@@ -61,7 +62,9 @@ def test_metric_writer_and_summary(tmp_path):
 
 def test_preview_main_job_writes_sheet_pack_and_summary(tmp_path):
   config = preview_config.get_config("tiny")
-  summary = main_lib.run(config, str(tmp_path))
+  with config_fields.recording(config) as record:
+    summary = main_lib.run(config, str(tmp_path))
+  assert not record.missing, sorted(record.missing)
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["task"] == "preview" and saved["pairs"]["num_pairs"] == 40
   sheet = np.asarray(Image.open(tmp_path / "contact_sheet.png"))

@@ -24,14 +24,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs import fr as fr_config
 from vigface_jax.evaluate import prototypes
-from vigface_jax.train import fr as fr_task
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _NUM_PROCESSES = 2
 _TIMEOUT_S = 240  # both children together; they are killed past it, the test never hangs
 _NUM_STEPS = 2
+# Process 1 starts the task this much later than process 0, which by then has written the
+# procedural verification pack: a process that finds the pack written must still meet the
+# others at the pack's barrier (it once skipped it and met them at Orbax's next one instead).
+_LATE_S = 6
 
 # Each child: one CPU device, jax.distributed on the given coordinator, then the `fr` task
 # exactly as `python -m vigface_jax.main --config=configs/fr.py:tiny` would run it.
@@ -46,7 +48,8 @@ _CHILD = textwrap.dedent("""
     if cache:
       jax.config.update("jax_compilation_cache_dir", cache)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    address, process_id, workdir, num_steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    address, process_id = sys.argv[1], int(sys.argv[2])
+    workdir, num_steps = sys.argv[3], int(sys.argv[4])
     jax.distributed.initialize(coordinator_address=address, num_processes={num_processes},
                                process_id=process_id, coordinator_bind_address=address,
                                initialization_timeout=60)
@@ -57,10 +60,12 @@ _CHILD = textwrap.dedent("""
     config.mesh.shape = (1, 1, {num_processes})  # classes over 'model': across the processes
     config.train.num_steps = num_steps
     config.train.checkpoint_every = num_steps
+    if process_id:  # start late: the pack is written by then, its barrier must still hold
+      import time; time.sleep({late_s})
     summary = main.run(config, workdir)
     print("summary", sorted(summary))
     print("OK")
-""").format(num_processes=_NUM_PROCESSES)
+""").format(num_processes=_NUM_PROCESSES, late_s=_LATE_S)
 
 
 def _free_port() -> int:
@@ -131,21 +136,6 @@ def _run_processes(workdir: pathlib.Path, logdir: pathlib.Path) -> list[str]:
   return outputs
 
 
-def _write_procedural_pairs(workdir: pathlib.Path) -> None:
-  """Writes the tiny config's `verification/procedural.bin` before the processes start.
-
-  `fr._verification_packs` races across processes: process 0 writes the pack and then waits in
-  `parallel.sync("procedural_pairs")`, but a process that checks `os.path.exists` after the
-  write has finished skips that barrier and meets process 0 in the next one (Orbax's
-  `CheckpointManager:create_directory`): "sync_global_devices name mismatch", on some runs
-  only. With the pack already there (as in a resumed run) every process skips the barrier, so
-  this test is deterministic; the verification hook still runs on both processes. The pack is
-  written here by the same function, in this single process (where `sync` is a no-op).
-  """
-  fr_task._verification_packs(fr_config.get_config("tiny"), str(workdir))  # pylint: disable=protected-access
-  assert (workdir / "verification" / "procedural.bin").is_file()
-
-
 def _checkpointed_centres(path: pathlib.Path) -> np.ndarray:
   """`params.head.weight` of the Orbax `TrainState` at `path`, restored as one numpy array."""
   with ocp.PyTreeCheckpointer() as checkpointer:
@@ -159,7 +149,6 @@ def test_fr_two_processes_classes_sharded_across_hosts(tmp_path):
   """Two processes train, checkpoint, export and write one prototype report of all centres."""
   workdir, logdir = tmp_path / "run", tmp_path / "logs"
   logdir.mkdir()
-  _write_procedural_pairs(workdir)
   _run_processes(workdir, logdir)
 
   n, k, d = 16, 16, 32  # configs/fr.py:tiny: identities, virtual rows, embedding size

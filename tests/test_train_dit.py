@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import config_fields
 from configs import dit as dit_config
 from configs import fr as fr_config
 from test_train import _checkpoint_tree, _Crash, _CrashingIterator
@@ -29,7 +30,9 @@ def stage1(tmp_path_factory):
   config = fr_config.get_config("tiny")
   config.evals.verify.procedural_pairs = None
   config.evals.verify.baselines = False
-  fr.run(config, workdir)
+  with config_fields.recording(config) as record:  # stage 1 reads only declared fields
+    fr.run(config, workdir)
+  assert not record.missing, sorted(record.missing)
   return workdir
 
 
@@ -60,7 +63,9 @@ def test_stage2_trains_samples_and_keeps_stage1_frozen(stage1, tmp_path):
   # metrics) and one other scale.
   config.evals.guidance_sweep.scales = (config.sample.guidance, 1.0)
   config.sample.pose_guidance = 1.0  # the sampler's third (typical-pose) batch
-  summary = dit.run(config, workdir)
+  with config_fields.recording(config) as record:  # every evaluator on; only declared fields
+    summary = dit.run(config, workdir)
+  assert not record.missing, sorted(record.missing)
   samples = os.path.join(workdir, "samples")
   assert sorted(os.listdir(samples)) == ["step_0000004.png", "step_0000004_g1.png",
                                          "step_0000004_g4.png"]

@@ -5,6 +5,7 @@ Lives in the package (not in `configs/`) so that config files load from any work
 
 from __future__ import annotations
 
+import builtins
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -132,7 +133,7 @@ class Fields:
       return value
     self.fail(key, "a string" + (" or None" if optional else ""), value)
 
-  def numbers(self, key: str, kind: type = float, *, length: int | None = None,
+  def numbers(self, key: str, kind: type = builtins.float, *, length: int | None = None,
               optional: bool = False) -> tuple[Any, ...] | None:
     """A sequence of numbers (e.g. `(6.0, 16.0)`), as a tuple of `kind`."""
     value = self.get(key)

@@ -21,12 +21,13 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from vigface_jax import config_lib
 from vigface_jax import metrics as metrics_lib
 from vigface_jax import parallel
 from vigface_jax.data import faces
 from vigface_jax.data import landmarks
-from vigface_jax.evaluate import pairs
 from vigface_jax.evaluate import baselines
+from vigface_jax.evaluate import pairs
 from vigface_jax.evaluate import verification
 
 
@@ -44,8 +45,27 @@ def contact_sheet(seed: int, identities: list[int], yaws: list[float], gap: int 
   return sheet
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field of a preview config once, before anything is rendered (ConfigError)."""
+  config_lib.validate_parallelism(config)
+  f = config_lib.Fields(config, "")
+  f.int("seed", 0)
+  sheet = f.sub("sheet")
+  sheet.int("num_identities", 1)
+  sheet.numbers("yaws")
+  p = f.sub("pairs")
+  for key in ("num_pairs", "num_folds", "identities_per_fold", "hard_negative_k"):
+    p.int(key, 1)
+  p.int("identity_offset", 0)
+  p.choice("image_format", ("jpeg", "png"))
+  b = f.sub("baselines")
+  b.bool("enabled")
+  b.int("batch_size", 1)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Renders the contact sheet and the verification pack, then scores the baselines."""
+  validate(config)
   main = parallel.is_main_process()
   summary: dict[str, Any] = {"task": "preview", "seed": config.seed}
   sheet_ids = [pairs.HOLDOUT_OFFSET // 2 + i for i in range(config.sheet.num_identities)]

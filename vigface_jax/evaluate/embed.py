@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vigface_jax import ops
 from vigface_jax import parallel
 from vigface_jax.models import iresnet
 
@@ -223,18 +224,11 @@ def load_embedder(directory: str | os.PathLike[str], batch_size: int | None = No
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (side, side, 3):
       raise ValueError(f"embed_fn expects uint8 [batch, {side}, {side}, 3] RGB, got "
                        f"{images.dtype} {images.shape}")
-    n = images.shape[0]
     if not batch_size:
       return np.asarray(forward(state, images), np.float32)
-    out = []
-    for start in range(0, n, batch_size):
-      chunk = images[start:start + batch_size]
-      pad = batch_size - chunk.shape[0]
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.uint8)])
-      out.append(np.asarray(forward(state, chunk), np.float32)[:batch_size - pad])
-    if not out:
+    if not images.shape[0]:
       return np.zeros((0, info["embed_dim"]), np.float32)
-    return np.concatenate(out)
+    return ops.map_batches(lambda chunk: np.asarray(forward(state, chunk), np.float32),
+                           [images], batch_size)
 
   return embed_fn, info

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 from scipy import interpolate
 
+from vigface_jax import ops
 from vigface_jax.data import codec
 
 IMAGE_SIZE = 112
@@ -563,10 +564,7 @@ def flip_sum_embeddings(embed_fn: EmbedFn, images: np.ndarray, batch_size: int =
     starts = tqdm.tqdm(starts, desc="embedding", unit="batch")
   out = None
   for start in starts:
-    batch = images[start:start + size]
-    n = batch.shape[0]
-    if n < size:
-      batch = np.concatenate([batch, np.zeros((size - n,) + batch.shape[1:], np.uint8)])
+    batch, n = ops.pad_batch(images[start:start + size], size)
     pieces = []
     for x in (batch, np.ascontiguousarray(batch[:, :, ::-1])):  # width axis: horizontal flip
       y = np.asarray(embed_fn(x), dtype=np.float32)

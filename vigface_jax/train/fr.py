@@ -152,12 +152,13 @@ def _verification_packs(config: ml_collections.ConfigDict, workdir: str) -> dict
   spec_cfg = verify.procedural_pairs
   if spec_cfg:
     path = os.path.join(workdir, "verification", "procedural.bin")
-    if not os.path.exists(path):
+    if parallel.is_main_process() and not os.path.exists(path):
       spec = pairs.PairSpec(seed=int(config.data.seed), **spec_cfg.to_dict())
-      if parallel.is_main_process():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        pairs.write_pairs(path, spec, image_format="jpeg")
-      parallel.sync("procedural_pairs")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      pairs.write_pairs(path, spec, image_format="jpeg")
+    # Every process, whether or not the pack existed: a process that saw it already written
+    # would otherwise skip this barrier and meet the others at a different one.
+    parallel.sync("procedural_pairs")
     packs["procedural"] = path
   return packs
 

@@ -39,7 +39,7 @@ class Result:
   state: state_lib.TrainState
   setup: state_lib.Setup
   start_step: int
-  metrics: dict[str, Any]  # the last logged training metrics and hook results
+  metrics: dict[str, Any]  # the last logged training metrics and evaluator results
 
 
 def validate(train: config_lib.Fields) -> None:
