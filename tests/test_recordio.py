@@ -551,3 +551,16 @@ def test_through_make_loader(shared_testdata, expected, decode):
   shuffled = pipeline.make_loader(source, global_batch_size=5, seed=3, worker_count=0)
   first = next(iter(shuffled))
   assert first["image"].shape == (5, 112, 112, 3) and set(first["label"]) <= {0, 1, 2, 3}
+
+
+def test_config_fields_reach_the_source(shared_testdata, expected):
+  # `--config.data.bgr_to_rgb=true` (a declared field) reaches the RecordIO source through the
+  # pipeline's source factory, and so does `data.on_error`.
+  from vigface_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from vigface_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  path = str(shared_testdata / "mxnet" / "insightface.rec")
+  plain = pipeline.build_source(config_lib.data_config(source="recordio", path=path))
+  swapped = pipeline.build_source(config_lib.data_config(source="recordio", path=path,
+                                                         bgr_to_rgb=True, on_error="skip"))
+  np.testing.assert_array_equal(plain[3]["image"], expected["images"][3])
+  np.testing.assert_array_equal(swapped[3]["image"], expected["images"][3][..., ::-1])

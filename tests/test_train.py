@@ -67,6 +67,20 @@ def test_sgd_is_torch_sgd_with_l2_and_clipping():
   assert tx.update(g, tx.init(p), p)[0].shape == (2,)
 
 
+def test_nesterov_is_torch_sgd_nesterov():
+  # optim.nesterov=True (a declared field, settable from the command line): torch's rule
+  # buf = m·buf + g; p -= lr·(g + m·buf).
+  tx, _ = optim.make_optimizer(_optim(nesterov=True), 5)
+  p, g = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.25])
+  st, buf, want = tx.init(p), np.zeros(2), np.array(p)
+  for _ in range(2):
+    u, st = tx.update(g, st, p)
+    p = optax.apply_updates(p, u)
+    buf = 0.9 * buf + np.asarray(g)
+    want = want - 0.1 * (np.asarray(g) + 0.9 * buf)
+  np.testing.assert_allclose(p, want, rtol=1e-6)
+
+
 # ------------------------------------------------------------- loop, toy model
 
 
