@@ -25,10 +25,10 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12, *,
   margin head so that stage-1 runs reproduce bit for bit.
   """
   x = jnp.asarray(x, jnp.float32)
-  sq = jnp.sum(x * x, axis=axis, keepdims=True)
-  if safe_grad:
+  if safe_grad:  # `square`'s gradient rounds as 2·x·g, `x * x`'s as x·g + x·g: keep each
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
-  return x / jnp.maximum(jnp.sqrt(sq), eps)
+  return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)), eps)
 
 
 def l2_normalize_np(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
