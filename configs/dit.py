@@ -57,8 +57,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.model.patch_size = 16 if small else 8  # must divide 112
   config.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU
   config.model.remat = False  # rematerialise blocks (memory for compute)
-  # lax.scan over depth: shorter compiles of deep models, and on XLA:CPU a faster backward
-  # pass (BENCHMARKS.md times both).
+  # lax.scan over depth: shorter compiles of deep models; on XLA:CPU its speed against the
+  # unrolled blocks depends on the step (BENCHMARKS.md times both).
   config.model.scan_blocks = demo
   # Each token draws its patch plus `output_overlap` pixels around it, cross-faded with its
   # neighbours (dit.fold_patches): with 16×16 patches an undertrained DiT otherwise draws a
