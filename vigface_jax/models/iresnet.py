@@ -57,7 +57,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
-import functools
 import math
 from typing import Any
 

@@ -23,11 +23,9 @@ import os
 from typing import Any
 
 from absl import logging
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from vigface_jax import config_lib
 from vigface_jax import metrics as metrics_lib
