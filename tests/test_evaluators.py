@@ -22,6 +22,10 @@ class Counter(common.Evaluator):
     self.log = context["log"]
     self.active = cfg.scale > 0
 
+  @classmethod
+  def check(cls, options):
+    options.float("scale", 0.0)
+
   def run(self, step, state, writer):
     self.log.append((self.name, step))
     return {"value": self.scale * step}
@@ -61,7 +65,9 @@ def test_from_config_builds_by_type_skips_off_and_inactive(monkeypatch, tmp_path
     (dict(type="nope", every=1), r"evals\.x\.type='nope'"),
     (dict(type="counter", every=-2), r"evals\.x\.every must be an integer ≥ -1"),
     (dict(type="counter", every=True), r"evals\.x\.every"),
+    (dict(type="counter", every=1, scale=-1.0), r"evals\.x\.scale must be a finite number ≥ 0"),
 ])
-def test_bad_sections_name_the_field(section, match):
+def test_bad_sections_name_the_field(monkeypatch, section, match):
+  monkeypatch.setitem(common.REGISTRY, "counter", f"{__name__}:Counter")
   with pytest.raises(config_lib.ConfigError, match=match):
     common.validate(config_dict.ConfigDict({"x": section}), ("counter",))

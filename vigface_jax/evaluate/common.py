@@ -8,7 +8,8 @@ images). Evaluators are built by name from a config's `evals` section (big_visio
 
   config.evals.<name>.type   which evaluator (a key of `REGISTRY`)
   config.evals.<name>.every  steps between runs; 0 = only at the end of training; -1 = off
-  config.evals.<name>.*      the evaluator's own options
+  config.evals.<name>.*      the evaluator's own options, checked by its `check` when the
+                             task validates its config
 
 so `--config.evals.<name>.every=-1` switches one off from the command line, and a config file
 adds one by adding a section. The task supplies what evaluators need to run (the model's
@@ -50,6 +51,11 @@ class Evaluator:
   def run(self, step: int, state: Any, writer: metrics_lib.MetricWriter) -> dict[str, Any]:
     raise NotImplementedError
 
+  @classmethod
+  def check(cls, options: config_lib.Fields) -> None:
+    """ConfigError naming the field unless this evaluator's own options are valid (called
+    by `validate`, before anything is built; `type` and `every` are checked there)."""
+
 
 class FunctionEvaluator(Evaluator):
   """An evaluator from a function `fn(step, state) -> {metric: value}` (tests, one-offs)."""
@@ -73,7 +79,7 @@ def _resolve(name: str, kind: str) -> type[Evaluator]:
 
 def validate(evals: Any, known: Sequence[str]) -> None:
   """ConfigError naming the field unless every `evals.<name>` has a known `type` (one of
-  `known`, the task's) and an integer `every` ≥ -1."""
+  `known`, the task's), an integer `every` ≥ -1 and valid options (the evaluator's `check`)."""
   for name, cfg in evals.items():
     kind = cfg.type
     if kind not in known:
@@ -85,6 +91,7 @@ def validate(evals: Any, known: Sequence[str]) -> None:
       raise config_lib.ConfigError(
           f"evals.{name}.every must be an integer ≥ -1 (steps between runs; 0 = only at the "
           f"end, -1 = off), got {every!r}")
+    _resolve(name, kind).check(config_lib.Fields(cfg, f"evals.{name}"))
 
 
 def from_config(evals: Any, context: Mapping[str, Any]) -> list[Evaluator]:

@@ -13,6 +13,7 @@ Stage 2, all drawing from one compiled sampler (`SampleContext`), EMA parameters
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any
 
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from vigface_jax import config_lib
 from vigface_jax import ops
 from vigface_jax import parallel
 from vigface_jax.data import landmarks as landmarks_lib
@@ -46,6 +48,18 @@ class Verification(common.Evaluator):
     self.batch = int(cfg.batch_size)
     self.sharding = parallel.batch_sharding(context["mesh"], context["rules"])
     self.embed = state_lib.jit_method(context["setup"].graphdef, "embed", eval_mode=True)
+
+  @classmethod
+  def check(cls, options) -> None:
+    options.int("batch_size", 1)
+    for bin_path in options.get("bins") or ():
+      if not os.path.exists(bin_path):
+        raise config_lib.ConfigError(f"{options.prefix}.bins: {bin_path} does not exist")
+    options.bool("baselines")
+    if options.get("procedural_pairs") is not None:
+      pairs = options.sub("procedural_pairs")
+      for key in ("num_pairs", "num_folds", "identities_per_fold", "hard_negative_k"):
+        pairs.int(key, 1)
 
   def run(self, step, state, writer) -> dict[str, float]:
     del step, writer
@@ -119,46 +133,66 @@ class SampleContext:
                                            np.arange(count))
 
 
-class SampleSheet(common.Evaluator):
-  """A sample sheet at `sample.guidance`. Options: `identities` (rows; 0 = off)."""
+class _Drawing(common.Evaluator):
+  """A stage-2 evaluator: draws with `context['samples']` (a `SampleContext`); the option
+  `count_field` (`identities` unless said otherwise; 0 = off) is how many real rows it draws,
+  at most all of them."""
 
-  def __init__(self, name: str, cfg: Any, context: dict[str, Any]):
+  def __init__(self, name: str, cfg: Any, context: dict[str, Any],
+               count_field: str = "identities"):
     super().__init__(name, cfg.every)
     self.ctx = context["samples"]
-    self.rows = min(int(cfg.identities), self.ctx.real_rows.shape[0])
-    self.active = self.rows > 0
+    self.count = self.rows_at_most(cfg[count_field])
+    self.active = self.count > 0
+
+  def rows_at_most(self, count: int) -> int:
+    return min(int(count), self.ctx.real_rows.shape[0])
+
+  @classmethod
+  def check(cls, options) -> None:
+    options.int("identities", 0)
+
+
+class SampleSheet(_Drawing):
+  """A sample sheet at `sample.guidance`. Options: `identities` (sheet rows; 0 = off)."""
 
   def run(self, step, state, writer) -> dict[str, float]:
-    self.ctx.sheet(step, state, writer, self.ctx.guidance, self.rows)
+    self.ctx.sheet(step, state, writer, self.ctx.guidance, self.count)
     return {}
 
 
-class IdentityConsistency(common.Evaluator):
+class IdentityConsistency(_Drawing):
   """Identity consistency at `sample.guidance`. Options: `identities` (real rows; 0 = off)."""
-
-  def __init__(self, name: str, cfg: Any, context: dict[str, Any]):
-    super().__init__(name, cfg.every)
-    self.ctx = context["samples"]
-    self.count = min(int(cfg.identities), self.ctx.real_rows.shape[0])
-    self.active = self.count > 0
 
   def run(self, step, state, writer) -> dict[str, float]:
     del step, writer
     return self.ctx.identity(state, self.ctx.guidance, self.count)
 
 
-class GuidanceSweep(common.Evaluator):
+class GuidanceSweep(_Drawing):
   """At each of `scales`: a sheet `samples/step_<N>_g<g>.png` of `sheet_identities` rows and
   `top1_g<g>`, `mean_cos_to_row_g<g>` of `eval_identities` rows (same rows, landmarks and
   seeds as `SampleSheet` and `IdentityConsistency`), from the same compiled sampler."""
 
   def __init__(self, name: str, cfg: Any, context: dict[str, Any]):
-    super().__init__(name, cfg.every)
-    self.ctx = context["samples"]
-    n = self.ctx.real_rows.shape[0]
+    super().__init__(name, cfg, context, count_field="eval_identities")
     self.scales = tuple(float(g) for g in cfg.scales)
-    self.rows, self.count = min(int(cfg.sheet_identities), n), min(int(cfg.eval_identities), n)
+    self.rows = self.rows_at_most(cfg.sheet_identities)
     self.active = bool(self.scales) and (self.rows > 0 or self.count > 0)
+
+  @classmethod
+  def check(cls, options) -> None:
+    scales = options.get("scales")
+    try:
+      ok = all(math.isfinite(float(g)) for g in scales or ())
+    except (TypeError, ValueError):
+      ok = False
+    if not ok:
+      raise config_lib.ConfigError(
+          f"{options.prefix}.scales must be a sequence of finite guidance scales such as "
+          f"(1.0, 2.0), got {scales!r}")
+    options.int("sheet_identities", 0)
+    options.int("eval_identities", 0)
 
   def run(self, step, state, writer) -> dict[str, float]:
     out = {}
@@ -178,7 +212,7 @@ def guidance_key(scale: float) -> str:
   return f"g{float(scale):g}"
 
 
-class LandmarkFollowing(common.Evaluator):
+class LandmarkFollowing(_Drawing):
   """Whether faces follow their landmark sets, at `sample.guidance` (`landmarks/*`).
 
   Options: `identities` (real rows, each drawn in pairs with the same noise; 0 = off) and
@@ -196,12 +230,15 @@ class LandmarkFollowing(common.Evaluator):
   """
 
   def __init__(self, name: str, cfg: Any, context: dict[str, Any]):
-    super().__init__(name, cfg.every)
-    self.ctx = context["samples"]
-    self.count = min(int(cfg.identities), self.ctx.real_rows.shape[0])
+    super().__init__(name, cfg, context)
     self.shift = float(cfg.shift)
     self.pair_rows = np.concatenate([self.ctx.real_rows[:self.count]] * 2)  # each row twice
     self.active = self.count > 0 and (self.shift > 0 or self.ctx.source is not None)
+
+  @classmethod
+  def check(cls, options) -> None:
+    super().check(options)
+    options.float("shift", 0.0)
 
   @functools.cache
   def pose_setup(self) -> dict[str, Any] | None:

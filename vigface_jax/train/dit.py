@@ -151,25 +151,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   s.int("sheet_landmarks", 1)
   s.int("batch_size", 1)
   evaluators_lib.validate(config.evals, EVALUATORS)
-  ev = f.sub("evals")
-  for name, cfg in config.evals.items():
-    e = ev.sub(name)
-    if cfg.type == "guidance_sweep":
-      scales = e.get("scales")
-      try:
-        ok = all(math.isfinite(float(g)) for g in scales or ())
-      except (TypeError, ValueError):
-        ok = False
-      if not ok:
-        raise config_lib.ConfigError(
-            f"evals.{name}.scales must be a sequence of finite guidance scales such as "
-            f"(1.0, 2.0), got {scales!r}")
-      e.int("sheet_identities", 0)
-      e.int("eval_identities", 0)
-    else:
-      e.int("identities", 0)
-    if cfg.type == "landmark_following":
-      e.float("shift", 0.0)
 
 
 def _stage1(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], np.ndarray]:
