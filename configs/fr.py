@@ -12,7 +12,14 @@ Variants (`--config=configs/fr.py:<variant>`):
            identities × 24 images (rendered once, cached), a small IResNet fed the 112×112
            crops resized to 48×48, k = 800 virtual rows, 2,200 steps of batch 64, evaluated on
            3,000 held-out procedural pairs. README "Stage 1" has what it measured.
+  auditor  an independent FR model for stage 3's privacy audit (`configs/generate.py`,
+           `configs/audit.py`): the demo recipe on 800 procedural identities *disjoint* from
+           stage 1's (identity_offset 2,000,000; stage 1 trains on 0..799, the verification
+           pairs use 1,000,000+), with another initialisation seed, squeeze-excitation blocks
+           (arch small_se), a 96-d embedding and no virtual rows: what a public ArcFace model
+           trained on other people is for real users.
   tiny     seconds, for tests.
+  tiny_auditor  the auditor's differences at `tiny` size, for tests.
 
 Defaults the paper leaves open are ours (DESIGN §1): s, m, SGD, schedule, flip.
 """
@@ -22,13 +29,17 @@ from ml_collections import config_dict
 from vigface_jax import config_lib
 
 CASIA_IMAGES = 490_623  # images in insightface's faces_webface_112x112/train.rec
+# The auditor's procedural people: disjoint from stage 1's (0..) and the pairs' (1,000,000..).
+AUDITOR_IDENTITY_OFFSET = 2_000_000
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   args = config_lib.parse_arg(arg, variant="default")
-  if args.variant not in ("default", "demo", "tiny"):
-    raise ValueError(f"configs/fr.py: unknown variant {args.variant!r}; use default, demo or tiny")
-  demo, tiny = args.variant == "demo", args.variant == "tiny"
+  variants = ("default", "demo", "tiny", "auditor", "tiny_auditor")
+  if args.variant not in variants:
+    raise ValueError(f"configs/fr.py: unknown variant {args.variant!r}; use one of {variants}")
+  auditor = args.variant in ("auditor", "tiny_auditor")
+  demo, tiny = args.variant in ("demo", "auditor"), args.variant in ("tiny", "tiny_auditor")
   small = demo or tiny
   config = config_dict.ConfigDict()
   config.task = "fr"
@@ -41,11 +52,15 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       source="procedural" if small else "recordio",
       global_batch_size=8 if tiny else (64 if demo else 512),
       worker_count=0 if small else 8, read_threads=0 if small else 16,
-      num_identities=16 if tiny else 800, images_per_identity=8 if tiny else 24, cache=small)
+      num_identities=16 if tiny else 800, images_per_identity=8 if tiny else 24, cache=small,
+      identity_offset=AUDITOR_IDENTITY_OFFSET if auditor else 0)
 
   config.model = config_dict.ConfigDict()
   config.model.arch = "tiny" if tiny else ("small" if demo else "ir_se50")  # iresnet.VARIANTS
   config.model.embed_dim = 32 if tiny else (128 if demo else 512)
+  if auditor:  # another architecture and embedding width than stage 1's
+    config.model.arch = "tiny_se" if tiny else "small_se"
+    config.model.embed_dim = 24 if tiny else 96
   # The 112 crop is resized to this (a multiple of 16); the CPU demo trains at 48.
   config.model.input_size = 32 if tiny else (48 if demo else 112)
   config.model.dropout = 0.0  # before the embedding layer (arcface_torch's default 0)
@@ -61,7 +76,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.margin.h = 0.333  # AdaFace only: the norm-adaptive margin's concentration
 
   config.virtual = config_dict.ConfigDict()
-  config.virtual.num_virtual = 16 if tiny else (800 if demo else 120_000)  # k
+  config.virtual.num_virtual = 0 if auditor else (16 if tiny else (800 if demo else 120_000))  # k
   config.virtual.alpha = 0.9  # σ EMA weight of the old value
   config.virtual.per_step = config_dict.placeholder(int)  # None: b_v = round(k·b_r/n)
 
@@ -74,7 +89,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.train = config_lib.train_config(
       num_steps=4 if tiny else (2_200 if demo else 30 * CASIA_IMAGES // 512),
       log_every=2 if tiny else (50 if demo else 100),
-      checkpoint_every=2 if tiny else (600 if demo else 2_000))
+      checkpoint_every=2 if tiny else (600 if demo else 2_000), seed=1 if auditor else 0)
 
   # Evaluators (evaluate/common.py): every = steps between runs, 0 = only at the end, -1 = off.
   config.evals = config_dict.ConfigDict()

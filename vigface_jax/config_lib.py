@@ -236,6 +236,37 @@ def train_config(**overrides: Any) -> config_dict.ConfigDict:
   }, overrides, "train")
 
 
+def audit_config(**overrides: Any) -> config_dict.ConfigDict:
+  """`config.audit` (`generate/audit.py`, `generate/audit_task.py`): the privacy audit.
+
+  encoders             independent FR encoders: backbone directories (`evaluate/embed.py`:
+                       our exports, e.g. a `configs/fr.py:auditor` workdir, or converted
+                       insightface models); the stage-1 network is always audited as well
+  quantile             flag an identity whose statistic exceeds this quantile of the held-out
+                       calibration people's (unrelated real people are flagged at 1 − quantile)
+  fmrs                 false-match rates of the image-level thresholds (real impostor pairs);
+                       the first is the one the image-level verdict tests
+  max_impostor_pairs   impostor pairs sampled for those thresholds
+  min_control          leak-control detection rate (class level) an audit needs to be
+                       conclusive; a non-conclusive audit is not a pass
+  drop_flagged         leave identities flagged under any encoder out of the export
+  query_chunk          generated images per search call (search.nearest)
+  heldout_ids, heldout_images   people outside the training set (procedural data: fresh
+                       identities, images each; the first half calibrates, the second measures)
+  heldout_offset       their first procedural identity id (disjoint from every other use)
+  heldout              real data: a data section (`data_config` fields) naming the gallery of
+                       people not in the training data (None with procedural data)
+  leak_ids             leak-control identities: drawn from real rows (generate) or new images
+                       of training people (audit task), put through the same audit
+  """
+  return _section({
+      "encoders": (), "quantile": 0.99, "fmrs": (1e-3, 1e-4), "max_impostor_pairs": 2_000_000,
+      "min_control": 0.95, "drop_flagged": True, "query_chunk": 4096, "heldout_ids": 400,
+      "heldout_images": 20, "heldout_offset": 3_000_000,
+      "heldout": config_dict.placeholder(config_dict.ConfigDict), "leak_ids": 40,
+  }, overrides, "audit")
+
+
 def validate_parallelism(config: Any) -> None:
   """The fields `add_parallelism` declares."""
   f = Fields(config, "")

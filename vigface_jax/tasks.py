@@ -23,6 +23,8 @@ TASKS = {
     "preview": "vigface_jax.preview",
     "fr": "vigface_jax.train.fr",
     "dit": "vigface_jax.train.dit",
+    "generate": "vigface_jax.generate.task",
+    "audit": "vigface_jax.generate.audit_task",
 }
 
 ConfigError = config_lib.ConfigError

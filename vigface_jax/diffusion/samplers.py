@@ -5,6 +5,11 @@ what it predicts ('eps', 'v' or 'x0') is passed separately as `kind`. Each sampl
 steps as one `jax.lax.scan`, so under `jax.jit` (with `model_fn`, `shape` and the keyword
 options static, e.g. via `functools.partial`) it compiles once whatever `num_steps`. Timesteps
 are host-side numpy (static Python ints). Results are deterministic for a fixed `rng`.
+
+`rng` is one key for the whole batch, or one key per example (`[b, 2]` raw keys or `[b]`
+typed keys): then example i's starting noise and every step's noise come from its own key
+alone, so what an example draws does not depend on which batch it is in or how large that
+batch is (the dataset generator relies on this).
 """
 
 from __future__ import annotations
@@ -53,6 +58,21 @@ def timesteps(
   return ts
 
 
+def per_example(rng: jax.Array | None) -> bool:
+  """Whether `rng` holds one key per example (`[b, 2]` raw or `[b]` typed keys)."""
+  if rng is None:
+    return False
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  return rng.ndim == (1 if typed else 2)
+
+
+def _normal(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """N(0, I) of `shape` from one key, or per example from a batch of keys."""
+  if per_example(key):
+    return jax.vmap(lambda k: jax.random.normal(k, tuple(shape)[1:], jnp.float32))(key)
+  return jax.random.normal(key, tuple(shape), jnp.float32)
+
+
 def _initial_noise(
     rng: jax.Array | None,
     shape: Sequence[int],
@@ -63,15 +83,23 @@ def _initial_noise(
     if x_T is None:
       raise ValueError("rng is required unless x_T is given")
     return jnp.asarray(x_T, jnp.float32), None
-  rng_init, rng_steps = jax.random.split(rng)
+  if per_example(rng):
+    if rng.shape[0] != shape[0]:
+      raise ValueError(f"{rng.shape[0]} per-example keys for a batch of {shape[0]}")
+    split = jax.vmap(jax.random.split)(rng)
+    rng_init, rng_steps = split[:, 0], split[:, 1]
+  else:
+    rng_init, rng_steps = jax.random.split(rng)
   if x_T is None:
-    x_T = jax.random.normal(rng_init, tuple(shape), jnp.float32)
+    x_T = _normal(rng_init, shape)
   return jnp.asarray(x_T, jnp.float32), rng_steps
 
 
 def _step_keys(rng: jax.Array | None, num_steps: int) -> jax.Array:
   if rng is None:
     return jnp.zeros((num_steps,), jnp.uint32)  # placeholder: never used to draw noise
+  if per_example(rng):  # [num_steps, b, ...]: the scan hands each step its batch of keys
+    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num_steps))(rng), 0, 1)
   return jax.random.split(rng, num_steps)
 
 
@@ -105,7 +133,8 @@ def ddim_sample(
     model_fn: denoiser (x_t [b, ...], t int32 [b]) -> prediction of `kind`.
     schedule: the training noise schedule.
     shape: sample shape [b, H, W, C] (static).
-    rng: PRNG key for x_T and the η > 0 noise; may be None when x_T is given and eta == 0.
+    rng: PRNG key for x_T and the η > 0 noise (or one per example, see the module
+      docstring); may be None when x_T is given and eta == 0.
     num_steps: number of denoising steps.
     eta: DDIM η (0: deterministic; 1: DDPM-like variance).
     kind: 'eps', 'v' or 'x0'.
@@ -147,7 +176,7 @@ def ddim_sample(
     direction = jnp.maximum(1.0 - alpha_prev - std**2, 0.0) ** 0.5 * eps
     x_prev = alpha_prev**0.5 * x0 + direction
     if eta > 0:
-      x_prev = x_prev + std * jax.random.normal(key, x.shape, jnp.float32)
+      x_prev = x_prev + std * _normal(key, x.shape)
     return x_prev, x_prev
 
   x, traj = jax.lax.scan(body, x, (t_arr, a_t, a_prev, keys))
@@ -217,7 +246,7 @@ def ddpm_sample(
         cur_alpha**0.5 * beta_prod_prev / beta_prod
     ) * x
     variance = jnp.maximum(beta_prod_prev / beta_prod * cur_beta, 1e-20)
-    noise = jax.random.normal(key, x.shape, jnp.float32)
+    noise = _normal(key, x.shape)
     x_prev = mean + noise_on * variance**0.5 * noise
     return x_prev, x_prev
 

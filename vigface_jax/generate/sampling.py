@@ -9,7 +9,8 @@ split over the batch axes, the parameters as the train state holds them.
 
 `Generator` runs it over any number of rows (real or virtual) and landmark images in batches
 of one shape, the last batch padded; batch `i` starting at row `start` draws its noise from
-`PRNGKey(seed + start)`.
+`PRNGKey(seed + start)`, or (`Generator.draw`) each image from its own key, so an image does
+not depend on the batch it falls in (the dataset generator, `generate/task.py`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class SamplerSettings:
 def make_sampler(graphdef: nnx.GraphDef, schedule: schedules.Schedule,
                  settings: SamplerSettings, *, typical: np.ndarray | None = None,
                  mesh: Mesh | None = None, state_shardings: Any = None,
-                 rules: parallel.LogicalRules = parallel.DEFAULT_RULES):
+                 rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
+                 per_example_keys: bool = False):
   """Jitted `sample(params, rest, rows, landmark_images, rng, guidance)` -> uint8 images.
 
   Args:
@@ -72,6 +74,8 @@ def make_sampler(graphdef: nnx.GraphDef, schedule: schedules.Schedule,
       the inputs and outputs: parameters as trained, batch inputs over the batch axes.
     state_shardings: see `mesh`.
     rules: logical-axis rules for the batch axes.
+    per_example_keys: `rng` is one raw key per image (`[b, 2]`, split over the batch axes
+      like the rows) instead of one replicated key.
   """
   pose_scale = settings.pose_guidance if typical is not None else 0.0
 
@@ -101,8 +105,9 @@ def make_sampler(graphdef: nnx.GraphDef, schedule: schedules.Schedule,
     return jax.jit(sample)
   batch = parallel.batch_sharding(mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
+  keys = batch if per_example_keys else replicated
   return jax.jit(sample, in_shardings=(state_shardings.params, state_shardings.rest, batch,
-                                       batch, replicated, replicated),
+                                       batch, keys, replicated),
                  out_shardings=batch)
 
 
@@ -113,19 +118,25 @@ class Generator:
                settings: SamplerSettings, *, batch_size: int,
                typical: np.ndarray | None = None, mesh: Mesh | None = None,
                state_shardings: Any = None,
-               rules: parallel.LogicalRules = parallel.DEFAULT_RULES):
+               rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
+               per_example_keys: bool = False):
     """`batch_size` is rounded up to a multiple of the mesh's batch shards (so each device
-    holds whole examples); other arguments as `make_sampler`."""
+    holds whole examples); other arguments as `make_sampler`. With `per_example_keys` the
+    generator is called through `draw`, otherwise as `generator(...)`."""
     shards = parallel.batch_axis_size(mesh, rules) if mesh is not None else 1
     self.batch_size = int(math.ceil(int(batch_size) / shards) * shards)
+    self.per_example_keys = bool(per_example_keys)
     self.sample = make_sampler(graphdef, schedule, settings, typical=typical, mesh=mesh,
-                               state_shardings=state_shardings, rules=rules)
+                               state_shardings=state_shardings, rules=rules,
+                               per_example_keys=per_example_keys)
 
   def __call__(self, params: Any, rest: Any, rows: np.ndarray, landmark_images: np.ndarray,
                seed: int, guidance: float) -> np.ndarray:
     """uint8 `[n, H, W, 3]` faces for rows `[n, d]` (zero rows: unconditional) under landmark
     images `[n, H, W, 3]` in [-1, 1]; the batch starting at row `start` uses
     `PRNGKey(seed + start)`."""
+    if self.per_example_keys:
+      raise ValueError("this Generator was built with per_example_keys=True: call draw()")
     guidance = jnp.asarray(guidance, jnp.float32)
 
     def one(r, l, key):
@@ -134,3 +145,41 @@ class Generator:
     return ops.map_batches(one, [np.asarray(rows), np.asarray(landmark_images)],
                            self.batch_size, fills=["zeros", "first"],
                            seeds=lambda start: jax.random.PRNGKey(seed + start))
+
+  def draw(self, params: Any, rest: Any, rows: np.ndarray, landmark_images: np.ndarray,
+           keys: np.ndarray, guidance: float) -> np.ndarray:
+    """uint8 `[n, H, W, 3]` faces as `__call__`, image i drawn from its own raw key
+    `keys[i]` (uint32 `[n, 2]`): independent of batch size and batch boundaries."""
+    if not self.per_example_keys:
+      raise ValueError("draw() needs a Generator built with per_example_keys=True")
+    keys = np.asarray(keys, np.uint32)
+    if keys.shape != (len(rows), 2):
+      raise ValueError(f"draw: keys must be uint32 [{len(rows)}, 2], got {keys.shape}")
+    guidance = jnp.asarray(guidance, jnp.float32)
+
+    def one(r, l, k):
+      return self.sample(params, rest, jnp.asarray(r), jnp.asarray(l), jnp.asarray(k), guidance)
+
+    return ops.map_batches(one, [np.asarray(rows), np.asarray(landmark_images), keys],
+                           self.batch_size, fills=["zeros", "first", "first"])
+
+
+def image_keys(seed: int, labels: np.ndarray, indices: np.ndarray) -> np.ndarray:
+  """Raw uint32 `[n, 2]` keys of images `(seed, label, index)`: `fold_in(fold_in(PRNGKey(seed),
+  label), index)`, the same on any device count, batch size or shard layout."""
+  labels = np.asarray(labels, np.int64)
+  indices = np.asarray(indices, np.int64)
+  if labels.shape != indices.shape or labels.ndim != 1:
+    raise ValueError(f"image_keys: labels {labels.shape} and indices {indices.shape} must be "
+                     "equal 1-d shapes")
+  if labels.size and (labels.min() < 0 or indices.min() < 0 or labels.max() >= 2**31
+                      or indices.max() >= 2**31):
+    raise ValueError("image_keys: labels and indices must lie in [0, 2**31)")
+  return np.asarray(_fold_keys(jax.random.PRNGKey(int(seed)), jnp.asarray(labels, jnp.uint32),
+                               jnp.asarray(indices, jnp.uint32)), np.uint32)
+
+
+@jax.jit
+def _fold_keys(root, labels, indices):
+  return jax.vmap(lambda l, i: jax.random.fold_in(jax.random.fold_in(root, l), i))(labels,
+                                                                                   indices)

@@ -95,6 +95,8 @@ VARIANTS: dict[str, Variant] = {
     "ir_se100": Variant((3, 13, 30, 3), se=True),
     # The CPU demo (configs/fr.py:demo): a few minutes of training on 2 cores.
     "small": Variant((1, 2, 2, 1), (16, 32, 64, 128)),
+    # The demo's independent auditor (configs/fr.py:auditor): the same size with SE blocks.
+    "small_se": Variant((1, 2, 2, 1), (16, 32, 64, 128), se=True),
     # For tests only: same code paths at a fraction of the cost.
     "tiny": Variant((1, 1, 1, 1), (8, 16, 32, 64)),
     "tiny_se": Variant((1, 1, 1, 1), (8, 16, 32, 64), se=True),

@@ -5,7 +5,8 @@ Gaussian-blurred copy of the landmark image (`landmark_blur` σ in pixels); its 
 `t_emb + Linear(row)`. The frozen FR network (identity loss, identity metrics) and the row table
 are `Frozen` variables: the stage-2 optimizer never sees them (`TRAINABLE`).
 
-Everything here takes plain arguments (σ, dtypes, sizes), not a config section.
+Everything here takes plain arguments (σ, dtypes, sizes), except `builder`, which turns a
+stage-2 config's `model` section into the constructor the trainer and the generator share.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from vigface_jax.data import landmarks as landmarks_lib
 from vigface_jax.models import dit as dit_lib
+from vigface_jax.models import face_recognizer
 from vigface_jax.models import iresnet
 
 # What the stage-2 optimizer updates: the DiT's parameters only (the FR network and the rows
@@ -67,6 +69,17 @@ class Stage2(nnx.Module):
   def embed(self, images: jax.Array) -> jax.Array:
     """Normalised float `[-1, 1]` or uint8 faces → stage-1 embeddings (frozen)."""
     return self.fr(iresnet.prepare(images, self.fr_input_size))
+
+
+def builder(model: Any, fr_info: dict[str, Any], num_real: int):
+  """`create(rngs=...)` building the `Stage2` of a stage-2 config's `model` section, with the
+  stage-1 backbone described by `fr_info` (`backbone.json`: arch, embed_dim, input_size)."""
+  return functools.partial(
+      Stage2, model.variant, patch_size=int(model.patch_size), fr_arch=fr_info["arch"],
+      embed_dim=int(fr_info["embed_dim"]), fr_input_size=int(fr_info["input_size"]),
+      num_real=num_real, landmark_blur=tuple(model.landmark_blur or ()),
+      dtype=face_recognizer.compute_dtype(model.dtype), remat=bool(model.remat),
+      scan_blocks=bool(model.scan_blocks), output_overlap=int(model.output_overlap))
 
 
 def to_model_range(images: jax.Array) -> jax.Array:

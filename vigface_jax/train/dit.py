@@ -42,7 +42,6 @@ from vigface_jax.evaluate import embed as embed_lib
 from vigface_jax.evaluate import evaluators
 from vigface_jax.evaluate import generation
 from vigface_jax.models import dit as dit_lib
-from vigface_jax.models import face_recognizer
 from vigface_jax.models import stage2
 from vigface_jax.train import loop
 from vigface_jax.train import optim
@@ -177,13 +176,7 @@ def _stage1(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], np.ndarr
 
 def create_model(config: ml_collections.ConfigDict, fr_info: dict[str, Any], num_real: int):
   """`create(rngs=...)` building the `Stage2` network of `config.model`."""
-  m = config.model
-  return functools.partial(
-      stage2.Stage2, m.variant, patch_size=int(m.patch_size), fr_arch=fr_info["arch"],
-      embed_dim=int(fr_info["embed_dim"]), fr_input_size=int(fr_info["input_size"]),
-      num_real=num_real, landmark_blur=tuple(m.landmark_blur or ()),
-      dtype=face_recognizer.compute_dtype(m.dtype), remat=bool(m.remat),
-      scan_blocks=bool(m.scan_blocks), output_overlap=int(m.output_overlap))
+  return stage2.builder(config.model, fr_info, num_real)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -1,0 +1,327 @@
+"""The `generate` task: stage 3 of VIGFace (DESIGN §1), a dataset of people who do not exist.
+
+For each chosen row of the stage-1 class-centre table (virtual rows; real rows in augment
+mode) the stage-2 DiT draws `images_per_id` faces, each under its own five-point landmark set
+(`generate/poses.py`) with classifier-free guidance. Then, on process 0: the privacy audit
+(`generate/report.py`, `generate/audit.py`) under the stage-1 network and every independent
+encoder, with its leak control; the dataset metrics, generalisation and landmark-identity
+checks; the contact sheet; and the export (`generate/export.py`) without the flagged
+identities when `audit.drop_flagged`.
+
+Determinism and resumption: image `(label, index)` draws its noise from
+`sampling.image_keys(seed, label, index)` and its landmark set from the same triple, so the
+dataset depends on neither batch size nor shard layout nor device count. Identities are
+grouped into shards of `ids_per_shard`; each process draws the shards `s % P == p` on its own
+devices (no communication: a local mesh per process) and writes each finished shard under a
+temporary name, renamed and checksummed when complete (`generate/store.py`). A rerun after an
+interruption (even SIGKILL) verifies the finished shards and draws only the rest. Encoding
+and writing run on a background thread while the devices draw the next shard.
+
+Beside the dataset, in `controls/`, the same sampler draws the audit's leak control
+(identities from *real* rows, which the audit must flag), the generalisation check (fresh
+procedural people neither stage saw, rows from the stage-1 network) and the landmark-identity
+control (identities re-drawn under the other pose source); each is a resumable store too.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from vigface_jax import config_lib
+from vigface_jax import metrics as metrics_lib
+from vigface_jax import ops
+from vigface_jax import parallel
+from vigface_jax.data import pipeline
+from vigface_jax.diffusion import samplers
+from vigface_jax.generate import loading
+from vigface_jax.generate import poses as poses_lib
+from vigface_jax.generate import report
+from vigface_jax.generate import sampling
+from vigface_jax.generate import store as store_lib
+from vigface_jax.models import stage2
+
+REQUIRED_FIELDS = ("stage1.workdir", "stage2.workdir")
+FORMATS = ("imagefolder", "recordio", "arrayrecord")
+# Noise streams of the groups: the dataset uses `seed`, each control its own offset.
+GROUP_SEEDS = {"dataset": 0, "leak": 1_000_003, "fresh": 2_000_003, "pool": 3_000_017}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field of a generation config once, before anything is built."""
+  config_lib.validate_parallelism(config)
+  f = config_lib.Fields(config, "")
+  f.sub("stage1").str("workdir", optional=True)
+  f.sub("stage2").str("workdir", optional=True)
+  rows = f.choice("rows", ("virtual", "real"))
+  f.int("num_ids", 1, optional=rows == "real")
+  f.int("images_per_id", 1, optional=rows == "real")
+  f.int("augment_to", 1)
+  f.choice("row_order", ("first", "random"))
+  f.int("seed", 0)
+  f.int("batch_size", 1)
+  f.int("ids_per_shard", 1)
+  f.choice("image_format", ("png", "jpeg"))
+  f.int("jpeg_quality", 1)
+  formats = f.get("formats")
+  if (not isinstance(formats, (tuple, list)) or not formats
+      or any(x not in FORMATS for x in formats) or len(set(formats)) != len(formats)):
+    f.fail("formats", f"a non-empty tuple of distinct names from {FORMATS}", formats)
+  s = f.sub("sample")
+  s.int("num_steps", 1, optional=True)
+  s.float("eta", 0.0, optional=True)
+  if s.get("spacing") is not None:
+    s.choice("spacing", samplers.SPACINGS)
+  s.float("guidance", 0.0)
+  if s.get("guidance_interval") is not None:
+    s.numbers("guidance_interval", int, length=2)
+  s.float("guidance_rescale", 0.0, most=1.0, optional=True)
+  p = f.sub("pose")
+  p.choice("source", ("model", "pool"))
+  p.int("num_components", 1)
+  p.int("fit_images", 1)
+  f.bool("run_audit")
+  report.validate_audit(f.sub("audit"))
+  c = f.sub("checks")
+  for key in ("fresh_ids", "fresh_images", "fresh_centre_images", "pool_ids", "pool_images",
+              "real_ids", "sheet_ids", "sheet_images"):
+    c.int(key, 0)
+  c.int("fresh_offset", 0)
+
+
+@dataclasses.dataclass
+class Group:
+  """What one store holds: rows to draw, images per identity, where the poses come from."""
+
+  name: str
+  root: str  # the store's workdir
+  rows: np.ndarray  # [num_ids, d] condition rows
+  row_ids: np.ndarray  # [num_ids] row index in stage 1's table (real j → j, virtual j → n + j)
+  counts: np.ndarray  # [num_ids] images per identity
+  pose_source: str
+  kind: str  # 'virtual' | 'real' | 'fresh'
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _real_counts(source: Any, n: int) -> np.ndarray:
+  labels = getattr(source, "labels", None)
+  if labels is None and hasattr(source, "images_per_identity"):
+    return np.full(n, int(source.images_per_identity), np.int64)
+  if labels is None:
+    labels = np.array([int(source[i]["label"]) for i in range(len(source))])
+  return np.bincount(np.asarray(labels, np.int64), minlength=n)
+
+
+def plan_dataset(config: ml_collections.ConfigDict, s1: loading.Stage1, source: Any,
+                 workdir: str) -> Group:
+  """The dataset's rows: `num_ids` virtual rows (or real rows in augment mode)."""
+  n, k = s1.real.shape[0], s1.virtual.shape[0]
+  if config.rows == "virtual":
+    num = int(config.num_ids)
+    if num > k:
+      raise config_lib.ConfigError(
+          f"num_ids={num} is more than the k={k} virtual rows of stage1.workdir={s1.workdir} "
+          f"(its virtual.num_virtual): lower num_ids or train stage 1 with k ≥ {num}")
+    if config.row_order == "first":
+      chosen = np.arange(num)
+    else:
+      chosen = np.sort(np.random.default_rng([int(config.seed), 7]).permutation(k)[:num])
+    return Group("dataset", workdir, s1.virtual[chosen], n + chosen,
+                 np.full(num, int(config.images_per_id), np.int64), config.pose.source,
+                 "virtual")
+  have = _real_counts(source, n)
+  target = int(config.augment_to)
+  classes = np.flatnonzero(have < target)
+  if config.num_ids is not None:
+    if int(config.num_ids) > len(classes):
+      raise config_lib.ConfigError(
+          f"num_ids={config.num_ids} but only {len(classes)} real classes have fewer than "
+          f"augment_to={target} images")
+    classes = classes[:int(config.num_ids)]
+  counts = (np.full(len(classes), int(config.images_per_id), np.int64)
+            if config.images_per_id is not None else target - have[classes])
+  return Group("dataset", workdir, s1.real[classes], classes, counts, config.pose.source, "real")
+
+
+def plan_controls(config: ml_collections.ConfigDict, s1: loading.Stage1, dataset: Group,
+                  workdir: str, fresh_rows: np.ndarray | None) -> list[Group]:
+  """The leak control, the fresh-people and the other-pose-source groups."""
+  out = []
+  per_id = int(np.max(dataset.counts)) if len(dataset.counts) else 1
+  n = s1.real.shape[0]
+  leak = min(int(config.audit.leak_ids), n) if config.run_audit else 0
+  if leak:
+    chosen = np.sort(np.random.default_rng([int(config.seed), 11]).permutation(n)[:leak])
+    out.append(Group("leak", os.path.join(workdir, "controls", "leak"), s1.real[chosen], chosen,
+                     np.full(leak, per_id, np.int64), config.pose.source, "real"))
+  c = config.checks
+  if fresh_rows is not None and len(fresh_rows):
+    out.append(Group("fresh", os.path.join(workdir, "controls", "fresh"), fresh_rows,
+                     np.full(len(fresh_rows), -1, np.int64),
+                     np.full(len(fresh_rows), int(c.fresh_images), np.int64),
+                     config.pose.source, "fresh"))
+  pool_ids = min(int(c.pool_ids), len(dataset.rows))
+  if pool_ids and int(c.pool_images):
+    other = "pool" if config.pose.source == "model" else "model"
+    out.append(Group("pool", os.path.join(workdir, "controls", "pose_" + other),
+                     dataset.rows[:pool_ids], dataset.row_ids[:pool_ids],
+                     np.full(pool_ids, int(c.pool_images), np.int64), other, dataset.kind))
+  return out
+
+
+class Drawer:
+  """Draws groups through one compiled sampler on this process's devices."""
+
+  def __init__(self, config: ml_collections.ConfigDict, run: loading.Stage2Run, mesh: Any,
+               rules: Any, pose_model: poses_lib.PoseModel, pool: tuple[np.ndarray, np.ndarray]):
+    s2 = run.config.sample
+    s = config.sample
+    pick = lambda ours, theirs: theirs if ours is None else ours
+    interval = pick(s.guidance_interval, s2.get("guidance_interval"))
+    self.settings = sampling.SamplerSettings(
+        num_steps=int(pick(s.num_steps, s2.num_steps)), eta=float(pick(s.eta, s2.eta)),
+        spacing=str(pick(s.spacing, s2.spacing)), prediction=str(run.config.diffusion.prediction),
+        guidance_interval=None if interval is None else tuple(int(v) for v in interval),
+        guidance_rescale=float(pick(s.guidance_rescale, s2.get("guidance_rescale", 0.0))))
+    self.guidance = float(s.guidance)
+    self.generator = sampling.Generator(run.graphdef, run.schedule, self.settings,
+                                        batch_size=int(config.batch_size), mesh=mesh,
+                                        state_shardings=run.shardings, rules=rules,
+                                        per_example_keys=True)
+    self.run = run
+    self.seed = int(config.seed)
+    self.ids_per_shard = int(config.ids_per_shard)
+    self.image_format = config.image_format
+    self.quality = int(config.jpeg_quality)
+    self.pose_model, self.pool = pose_model, pool
+
+  def spec(self, group: Group) -> dict[str, Any]:
+    """What must match for a rerun to continue a store (else ValueError from the store)."""
+    counts = np.unique(group.counts)
+    if len(counts) != 1:
+      raise config_lib.ConfigError(
+          f"{group.name}: identities with different image counts ({counts.min()}..{counts.max()})"
+          " are not supported yet: set images_per_id (augment mode: one count for every class)")
+    return {"group": group.name, "num_ids": int(len(group.rows)),
+            "images_per_id": int(counts[0]), "image_format": self.image_format,
+            "quality": self.quality, "rows_sha": _digest(group.rows),
+            "ids_per_shard": self.ids_per_shard, "seed": self.seed + GROUP_SEEDS[group.name],
+            "pose_source": group.pose_source, "guidance": self.guidance, "sampler": dataclasses.asdict(self.settings),
+            "stage2_step": self.run.step, "stage2_workdir": self.run.workdir}
+
+  def open(self, group: Group) -> store_lib.ShardStore:
+    return store_lib.ShardStore(group.root, spec=self.spec(group))
+
+  def draw(self, group: Group) -> store_lib.ShardStore:
+    """Draws every pending shard of `group` of this process; returns its store."""
+    store = self.open(group)
+    todo = store.pending(jax.process_index(), jax.process_count())
+    total = int(sum(store.shard_count(s) for s in todo))
+    seed = self.seed + GROUP_SEEDS[group.name]
+    logging.info("%s: %d identities, %d shards (%d to draw here, %d images)", group.name,
+                 len(group.rows), store.num_shards, len(todo), total)
+    if not todo:
+      return store
+    bar = tqdm.tqdm(total=total, desc=f"generate {group.name}", unit="img", smoothing=0.1)
+    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    writing = None
+    try:
+      for s in todo:
+        ids = np.asarray(list(store.shard_labels(s)), np.int64)
+        labels = np.repeat(ids, group.counts[ids])
+        indices = np.concatenate([np.arange(c) for c in group.counts[ids]]).astype(np.int64)
+        keys = sampling.image_keys(seed, labels, indices)
+        points, owner = poses_lib.draw(group.pose_source, seed, labels, indices,
+                                       model=self.pose_model, pool=self.pool)
+        images = self._sample(group.rows[labels], stage2.model_landmarks(points), keys, bar)
+        if writing is not None:
+          writing.result()  # at most one shard waits for its encoding
+        writing = writer.submit(store.write_shard, s, images, labels=labels, indices=indices,
+                                rows=group.row_ids[labels], seeds=np.full(len(labels), seed),
+                                landmarks=points, extra={"owner": owner})
+      if writing is not None:
+        writing.result()
+    finally:
+      writer.shutdown(wait=True)
+      bar.close()
+    return store
+
+  def _sample(self, rows: np.ndarray, lmk: np.ndarray, keys: np.ndarray, bar) -> np.ndarray:
+    """Images of one shard, batches dispatched one ahead of the host copy."""
+    b = self.generator.batch_size
+    n = len(rows)
+    out = np.empty((n,) + lmk.shape[1:3] + (3,), np.uint8)
+    guidance = np.float32(self.guidance)
+    inflight = None
+    for start in range(0, n, b):
+      parts = [ops.pad_batch(a[start:start + b], b, fill)[0] for a, fill in
+               ((rows, "zeros"), (lmk, "first"), (keys, "first"))]
+      result = self.generator.sample(self.run.params, self.run.rest, *parts, guidance)
+      if inflight is not None:
+        self._collect(out, *inflight, bar)
+      inflight = (start, min(b, n - start), result)
+    if inflight is not None:
+      self._collect(out, *inflight, bar)
+    return out
+
+  @staticmethod
+  def _collect(out, start, count, result, bar) -> None:
+    out[start:start + count] = np.asarray(result)[:count]
+    bar.update(count)
+
+
+def _digest(a: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Draws the dataset and its controls, audits, measures and exports (see the docstring)."""
+  validate(config)
+  tick = time.time()
+  s1 = loading.load_stage1(config.stage1.workdir)
+  rules = config.sharding_rules
+  # Each process draws its own shards on its own devices.
+  mesh = parallel.mesh_from_config(config, devices=jax.local_devices())
+  run2 = loading.load_stage2(config.stage2.workdir, s1, mesh, rules)
+  train_source = pipeline.build_source(s1.config.data)
+  dataset = plan_dataset(config, s1, train_source, workdir)
+  pose_model, pool = report.fit_poses(config, train_source, workdir)
+  fresh = report.fresh_people(config, s1)
+  groups = [dataset] + plan_controls(config, s1, dataset, workdir,
+                                     None if fresh is None else fresh.rows)
+  drawer = Drawer(config, run2, mesh, rules, pose_model, pool)
+  timings = {}
+  for group in groups:
+    t0 = time.time()
+    drawer.draw(group)
+    timings[group.name] = time.time() - t0
+  parallel.sync("generate:drawn")
+  drawn = int(sum(g.counts.sum() for g in groups))
+  summary: dict[str, Any] = {
+      "task": "generate", "num_ids": int(len(dataset.rows)), "rows": config.rows,
+      "images": int(dataset.counts.sum()), "sampler": dataclasses.asdict(drawer.settings),
+      "guidance": drawer.guidance, "stage2_step": run2.step, "draw_seconds": timings,
+      "devices_per_process": len(jax.local_devices()), "processes": jax.process_count()}
+  if timings.get("dataset"):
+    summary["images_per_s"] = float(dataset.counts.sum() / max(timings["dataset"], 1e-9))
+  if parallel.is_main_process():
+    stores = {g.name: drawer.open(g) for g in groups}
+    summary.update(report.finish(config, workdir, s1, train_source, dataset, groups, stores,
+                                 fresh, pool))
+    summary["total_drawn_images"] = drawn
+    summary["wall_s"] = time.time() - tick
+    metrics_lib.write_summary(workdir, summary)
+    logging.info("generate: %s", {k: summary[k] for k in ("num_ids", "images") if k in summary})
+  parallel.sync("generate:done")
+  return summary
+
