@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # Every field: config_lib.audit_config. The demo's auditor is a configs/fr.py:auditor run.
   config.audit = config_lib.audit_config(
       heldout_ids=8 if tiny else 400, heldout_images=per_id or 20,
-      leak_ids=2 if tiny else (32 if demo else 100),
+      leak_ids=2 if tiny else (24 if demo else 100),
       fmrs=(1e-2,) if tiny else (1e-3, 1e-4))  # tiny: 128 training images give 7,680 pairs
 
   # Controls and checks run beside the dataset (each a few images per identity).
@@ -102,13 +102,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # Generalisation (procedural data only): fresh people neither stage saw get a row from the
   # stage-1 network (mean of `fresh_centre_images` embeddings); the DiT draws `fresh_images`
   # each, identified under the encoders among the fresh people's own (other) images.
-  config.checks.fresh_ids = 2 if tiny else 32
+  config.checks.fresh_ids = 2 if tiny else (24 if demo else 32)
   config.checks.fresh_images = 2 if tiny else 4
   config.checks.fresh_centre_images = 2 if tiny else 8
   config.checks.fresh_offset = 4_000_000  # their first procedural identity id
   # Landmark identity: this many identities re-drawn with pose.source 'pool' (the other
   # source) to measure how well the landmark set's owner is identified from the images.
-  config.checks.pool_ids = 2 if tiny else 32
+  config.checks.pool_ids = 2 if tiny else (24 if demo else 32)
   config.checks.pool_images = 2 if tiny else 4
   # Dataset metrics compare the generated set with this many real training identities.
   config.checks.real_ids = 4 if tiny else 200

@@ -121,10 +121,13 @@ def read(source: Any, indices: np.ndarray, *, desc: str, workers: int = 2
   return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
-def encoders(config: ml_collections.ConfigDict, stage1_workdir: str
+def encoders(config: ml_collections.ConfigDict, stage1_workdir: str | None
              ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-  """`{'stage1': embed_fn, <name>: embed_fn, ...}`: the stage-1 export and `audit.encoders`."""
-  out = {"stage1": embed_lib.load_embedder(stage1_workdir, batch_size=EMBED_BATCH)[0]}
+  """`{'stage1': embed_fn, <name>: embed_fn, ...}`: the stage-1 export (if a workdir is
+  given) and `audit.encoders`."""
+  out = {}
+  if stage1_workdir:
+    out["stage1"] = embed_lib.load_embedder(stage1_workdir, batch_size=EMBED_BATCH)[0]
   for i, path in enumerate(config.audit.encoders):
     try:
       fn, info = embed_lib.load_embedder(path, batch_size=EMBED_BATCH)

@@ -43,6 +43,9 @@ class SamplerSettings:
   guidance_interval: tuple[int, int] | None = None
   guidance_rescale: float = 0.0
   pose_guidance: float = 0.0
+  # Outside guidance_interval, run the conditional batch alone (samplers.cfg_model_fn's
+  # skip_outside): the generator's setting; the stage-2 evaluators keep the doubled batch.
+  skip_unguided: bool = False
 
   @classmethod
   def from_config(cls, config: Any) -> "SamplerSettings":
@@ -95,7 +98,8 @@ def make_sampler(graphdef: nnx.GraphDef, schedule: schedules.Schedule,
                                      (jnp.zeros_like(rows), channels),
                                      interval=settings.guidance_interval,
                                      rescale=settings.guidance_rescale,
-                                     negative=negative, negative_scale=pose_scale)
+                                     negative=negative, negative_scale=pose_scale,
+                                     skip_outside=settings.skip_unguided)
     x0 = samplers.ddim_sample(model_fn, schedule, (rows.shape[0],) + lmk.shape[1:3] + (3,), rng,
                               num_steps=settings.num_steps, eta=settings.eta,
                               kind=settings.prediction, spacing=settings.spacing, clip_x0=1.0)

@@ -192,7 +192,8 @@ class Drawer:
         num_steps=int(pick(s.num_steps, s2.num_steps)), eta=float(pick(s.eta, s2.eta)),
         spacing=str(pick(s.spacing, s2.spacing)), prediction=str(run.config.diffusion.prediction),
         guidance_interval=None if interval is None else tuple(int(v) for v in interval),
-        guidance_rescale=float(pick(s.guidance_rescale, s2.get("guidance_rescale", 0.0))))
+        guidance_rescale=float(pick(s.guidance_rescale, s2.get("guidance_rescale", 0.0))),
+        skip_unguided=True)
     self.guidance = float(s.guidance)
     self.generator = sampling.Generator(run.graphdef, run.schedule, self.settings,
                                         batch_size=int(config.batch_size), mesh=mesh,

@@ -1,0 +1,275 @@
+"""Stage 3 (`generate/task.py`, `generate/audit_task.py`) on tiny stage-1 and stage-2 runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import config_fields
+from conftest import run_on_fake_devices
+from configs import audit as audit_config
+from configs import dit as dit_config
+from configs import fr as fr_config
+from configs import generate as generate_config
+from vigface_jax import config_lib
+from vigface_jax.data import recordio
+from vigface_jax.data import recordio_writer
+from vigface_jax.diffusion import samplers
+from vigface_jax.diffusion import schedules
+from vigface_jax.generate import audit_task
+from vigface_jax.generate import sampling
+from vigface_jax.generate import store as store_lib
+from vigface_jax.generate import task
+from vigface_jax import tasks
+
+
+def _fr(workdir, variant):
+  config = fr_config.get_config(variant)
+  config.evals.verify.procedural_pairs = None
+  config.evals.verify.baselines = False
+  tasks.run(config, workdir)  # with its config.json, as the command line leaves it
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A tiny stage 1, a stage 2 trained on it, and an independent tiny auditor."""
+  root = tmp_path_factory.mktemp("runs")
+  s1 = _fr(str(root / "fr"), "tiny")
+  aud = _fr(str(root / "auditor"), "tiny_auditor")
+  config = dit_config.get_config("tiny")
+  config.stage1.workdir = s1
+  tasks.run(config, str(root / "dit"))
+  return {"stage1": s1, "stage2": str(root / "dit"), "auditor": aud}
+
+
+def _config(runs, **changes):
+  config = generate_config.get_config("tiny")
+  config.stage1.workdir = runs["stage1"]
+  config.stage2.workdir = runs["stage2"]
+  config.audit.encoders = (runs["auditor"],)
+  for key, value in changes.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _shard_digests(workdir):
+  store = store_lib.ShardStore(workdir)
+  return [store_lib.sha256_file(store.shard_path(s)) for s in range(store.num_shards)]
+
+
+@pytest.fixture(scope="module")
+def generated(runs, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("generated"))
+  config = _config(runs)
+  with config_fields.recording(config) as record:  # the task reads only declared fields
+    summary = task.run(config, workdir)
+  assert not record.missing, sorted(record.missing)
+  return workdir, summary
+
+
+def test_presets_resolve_to_the_stated_sizes():
+  for variant, (ids, per) in {"S": (10_000, 50), "B": (60_000, 20), "L": (120_000, 50),
+                              "demo": (212, 20)}.items():
+    c = generate_config.get_config(variant)
+    assert (c.num_ids, c.images_per_id, c.rows) == (ids, per, "virtual"), variant
+  aug = generate_config.get_config("augment")
+  assert (aug.rows, aug.num_ids, aug.augment_to) == ("real", None, 50)
+  assert generate_config.get_config("B").num_ids == generate_config.get_config().num_ids
+  with pytest.raises(ValueError, match="unknown variant"):
+    generate_config.get_config("XL")
+
+
+def test_generate_writes_every_format_audit_and_manifest(generated):
+  workdir, summary = generated
+  for name in ("imagefolder", "recordio/train.rec", "recordio/train.idx", "recordio/property",
+               "arrayrecord/dataset_info.json", "identities.json", "manifest.json",
+               "audit.json", "audit_hist.png", "audit_closest.png", "audit_identities.csv",
+               "contact_sheet.png", "pose_model.npz", "summary.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert summary["num_ids"] == 4 and summary["images"] == 8
+  assert set(summary["verify_export"]) == {"imagefolder", "recordio", "arrayrecord"}
+  assert summary["exported_ids"] + summary["dropped_ids"] == 4
+  # RecordIO: labels intact, landmarks of every image as drawn.
+  src = recordio.RecordIOSource(os.path.join(workdir, "recordio", "train.rec"))
+  store = store_lib.StoreSource(workdir, exclude_labels=json.load(open(
+      os.path.join(workdir, "identities.json")))["dropped"])
+  assert [int(src[i]["label"]) for i in range(len(src))] == store.labels.tolist()
+  np.testing.assert_allclose(np.stack([src[i]["landmarks"] for i in range(len(src))]),
+                             store.landmarks, atol=1e-4)
+  audit = json.load(open(os.path.join(workdir, "audit.json")))
+  assert set(audit["encoders"]) == {"stage1", "auditor"}
+  assert {"control_class", "class_flag_rate"} <= set(audit["rates"])
+  manifest = json.load(open(os.path.join(workdir, "manifest.json")))
+  assert manifest["complete"] and set(manifest["exports"]["formats"]) == set(task.FORMATS)
+
+
+def test_rerun_after_interruption_gives_identical_checksums(runs, generated, tmp_path):
+  workdir, _ = generated
+  want = _shard_digests(workdir)
+  manifest = json.load(open(os.path.join(workdir, "manifest.json")))
+  copy = str(tmp_path / "resumed")
+  shutil.copytree(workdir, copy)
+  store = store_lib.ShardStore(copy)
+  os.remove(store.shard_path(1))  # a shard lost (killed before its rename)
+  os.remove(store.record_path(1))
+  with open(store.shard_path(0), "r+b") as f:  # and one corrupted on disk
+    f.seek(100)
+    f.write(b"\x00corrupt")
+  for name in ("imagefolder", "recordio", "arrayrecord", "manifest.json"):
+    path = os.path.join(copy, name)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  task.run(_config(runs), copy)
+  assert _shard_digests(copy) == want
+  again = json.load(open(os.path.join(copy, "manifest.json")))
+  assert again["shards"] == manifest["shards"]
+  assert again["exports"]["formats"] == manifest["exports"]["formats"]
+
+
+def test_other_settings_in_the_same_workdir_are_refused(runs, generated, tmp_path):
+  workdir, _ = generated
+  copy = str(tmp_path / "other")
+  shutil.copytree(os.path.join(workdir, "shards"), os.path.join(copy, "shards"))
+  with pytest.raises(ValueError, match="guidance"):
+    task.run(_config(runs, **{"sample.guidance": 2.5}), copy)
+
+
+_DEVICES_SCRIPT = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, "tests")
+from test_generate import _config
+from vigface_jax.generate import store as store_lib, task
+import jax
+assert len(jax.local_devices()) == 8
+runs = json.loads(RUNS)
+config = _config(runs, run_audit=False, formats=("imagefolder",), batch_size=4)
+config.checks.fresh_ids = 0
+config.checks.pool_ids = 0
+task.run(config, WORKDIR)
+print("OK")
+"""
+
+
+def test_dataset_does_not_depend_on_device_count_or_batch_size(runs, tmp_path):
+  one = str(tmp_path / "one")
+  config = _config(runs, run_audit=False, formats=("imagefolder",), batch_size=3)
+  config.checks.fresh_ids = 0
+  config.checks.pool_ids = 0
+  task.run(config, one)
+  eight = str(tmp_path / "eight")
+  script = _DEVICES_SCRIPT.replace("RUNS", repr(json.dumps(runs))).replace(
+      "WORKDIR", repr(eight))
+  run_on_fake_devices(script, timeout=300)
+  a, b = store_lib.StoreSource(one), store_lib.StoreSource(eight)
+  for field in ("labels", "indices", "rows", "seeds", "landmarks"):
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+  images_a = np.stack([a[i]["image"] for i in range(len(a))]).astype(int)
+  images_b = np.stack([b[i]["image"] for i in range(len(b))]).astype(int)
+  # Same ids, poses and noise; the pixels agree up to float rounding of other batch layouts.
+  assert np.abs(images_a - images_b).mean() < 1.0
+
+
+def test_per_example_keys_make_images_independent_of_their_batch():
+  schedule = schedules.make_schedule("cosine", 1000)
+  fn = lambda x, t: 0.5 * x
+  keys = sampling.image_keys(3, np.arange(6), np.arange(6) % 2)
+  whole = samplers.ddim_sample(fn, schedule, (6, 4, 4, 3), keys, num_steps=4, eta=1.0,
+                               kind="eps")
+  part = samplers.ddim_sample(fn, schedule, (2, 4, 4, 3), keys[2:4], num_steps=4, eta=1.0,
+                              kind="eps")
+  np.testing.assert_array_equal(np.asarray(whole)[2:4], np.asarray(part))
+  # The control: with one key per batch, images 2..3 redrawn as a batch of their own differ.
+  shared = samplers.ddim_sample(fn, schedule, (6, 4, 4, 3), jax.random.PRNGKey(0), num_steps=4,
+                                eta=1.0, kind="eps")
+  shared2 = samplers.ddim_sample(fn, schedule, (2, 4, 4, 3), jax.random.PRNGKey(0),
+                                 num_steps=4, eta=1.0, kind="eps")
+  assert not np.allclose(np.asarray(shared)[2:4], np.asarray(shared2))
+  assert (sampling.image_keys(3, [1], [1]) == keys[1:2]).all()
+  assert not (sampling.image_keys(4, [1], [1]) == keys[1:2]).all()
+  with pytest.raises(ValueError, match="image_keys"):
+    sampling.image_keys(0, [-1], [0])
+
+
+def test_skipping_the_unguided_batch_outside_the_interval_changes_only_rounding():
+  schedule = schedules.make_schedule("cosine", 1000)
+  calls = []
+
+  def model(x, t, c):
+    calls.append(x.shape[0])
+    return 0.3 * x + 0.1 * c[:, None, None, None]
+
+  out = {}
+  for skip in (False, True):
+    fn = samplers.cfg_model_fn(model, np.ones(3, np.float32), 4.0, interval=(150, 880),
+                               rescale=0.7, skip_outside=skip)
+    out[skip] = np.asarray(samplers.ddim_sample(fn, schedule, (3, 4, 4, 3),
+                                                jax.random.PRNGKey(0), num_steps=50, eta=1.0,
+                                                kind="x0", spacing="trailing"))
+  np.testing.assert_allclose(out[True], out[False], atol=1e-5)
+  assert 3 in calls  # the conditional-only branch exists in the skipping sampler
+
+
+def test_missing_workdirs_and_too_many_ids_name_the_fields(runs, tmp_path):
+  config = _config(runs)
+  config.stage2.workdir = None
+  with pytest.raises(config_lib.ConfigError, match="stage2.workdir"):
+    tasks.run(config, str(tmp_path / "a"))
+  with pytest.raises(config_lib.ConfigError, match="stage1.workdir"):
+    task.run(_config(runs, **{"stage1.workdir": str(tmp_path / "nowhere")}), str(tmp_path / "b"))
+  with pytest.raises(config_lib.ConfigError, match=r"num_ids=17.*k=16.*virtual.num_virtual"):
+    task.run(_config(runs, num_ids=17), str(tmp_path / "c"))
+  with pytest.raises(config_lib.ConfigError, match="formats"):
+    task.run(_config(runs, formats=("imagefolder", "zip")), str(tmp_path / "d"))
+  with pytest.raises(config_lib.ConfigError, match="pose.source"):
+    task.run(_config(runs, **{"pose.source": "random"}), str(tmp_path / "e"))
+
+
+def test_a_stage2_trained_on_other_rows_is_refused_naming_both(runs, tmp_path):
+  other = str(tmp_path / "other_stage1")
+  shutil.copytree(runs["stage1"], other)
+  path = os.path.join(other, "prototypes.npz")
+  with np.load(path) as f:
+    arrays = dict(f)
+  arrays["real"] = np.roll(arrays["real"], 1, axis=0)
+  np.savez(path, **arrays)
+  with pytest.raises(config_lib.ConfigError, match=r"stage2.workdir=.*other stage-1 rows.*"
+                     r"stage1.workdir=.*other_stage1"):
+    task.run(_config(runs, **{"stage1.workdir": other}), str(tmp_path / "gen"))
+
+
+def test_audit_task_on_an_export_and_on_a_dataset_without_labels(runs, generated, tmp_path):
+  workdir, _ = generated
+  config = audit_config.get_config("tiny")
+  config.dataset.path = os.path.join(workdir, "recordio", "train.rec")
+  config.stage1.workdir = runs["stage1"]
+  config.audit.encoders = (runs["auditor"],)
+  with config_fields.recording(config) as record:
+    summary = audit_task.run(config, str(tmp_path / "audit"))
+  assert not record.missing, sorted(record.missing)
+  assert summary["audit"]["verdict"] in ("pass", "fail", "inconclusive")
+  for name in ("audit.json", "audit_hist.png", "audit_closest.png", "audit_identities.csv"):
+    assert os.path.exists(tmp_path / "audit" / name), name
+  # A pack whose images all carry label 0 (DCFace's release) has no identities to audit.
+  rec = str(tmp_path / "unlabelled" / "train.rec")
+  os.makedirs(os.path.dirname(rec))
+  image = np.zeros((112, 112, 3), np.uint8)
+  with recordio_writer.RecordIOWriter(rec, num_classes=1) as w:
+    for _ in range(4):
+      w.write(image, 0)
+  config.dataset.path = rec
+  with pytest.raises(config_lib.ConfigError, match="identity labels"):
+    audit_task.run(config, str(tmp_path / "audit2"))
+  config.audit.encoders = ()
+  config.stage1.workdir = None
+  with pytest.raises(config_lib.ConfigError, match="no encoder"):
+    audit_task.run(config, str(tmp_path / "audit3"))
