@@ -273,3 +273,24 @@ def test_audit_task_on_an_export_and_on_a_dataset_without_labels(runs, generated
   config.stage1.workdir = None
   with pytest.raises(config_lib.ConfigError, match="no encoder"):
     audit_task.run(config, str(tmp_path / "audit3"))
+
+
+def test_augment_tops_real_classes_up_with_their_own_rows(runs, tmp_path):
+  # Real rows; the tiny stage 1 has 16 classes × 8 images: top each up to 10 (2 new each)
+  # for the first 3, and check a store with per-identity counts through a hand-made one.
+  config = _config(runs, rows="real", num_ids=3, images_per_id=None, augment_to=10,
+                   run_audit=False, formats=("recordio",))
+  config.checks.fresh_ids = 0
+  config.checks.pool_ids = 0
+  summary = task.run(config, str(tmp_path / "aug"))
+  src = store_lib.StoreSource(str(tmp_path / "aug"))
+  assert summary["images"] == 6 and src.rows.tolist() == [0, 0, 1, 1, 2, 2]
+  uneven = store_lib.ShardStore(str(tmp_path / "uneven"), spec={
+      "num_ids": 2, "images_per_id": 3, "ids_per_shard": 2, "counts": [3, 1]})
+  assert uneven.shard_count(0) == 4
+  images = np.zeros((4, 112, 112, 3), np.uint8)
+  uneven.write_shard(0, images, labels=[0, 0, 0, 1], indices=[0, 1, 2, 0], rows=[0] * 4,
+                     seeds=[0] * 4, landmarks=np.zeros((4, 5, 2)))
+  with pytest.raises(ValueError, match="indices"):
+    uneven.write_shard(0, images, labels=[0, 0, 1, 1], indices=[0, 1, 0, 1], rows=[0] * 4,
+                       seeds=[0] * 4, landmarks=np.zeros((4, 5, 2)))

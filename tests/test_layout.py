@@ -8,7 +8,8 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vigface_jax"
-TASK_MODULES = ("vigface_jax.train.fr", "vigface_jax.train.dit", "vigface_jax.preview")
+TASK_MODULES = ("vigface_jax.train.fr", "vigface_jax.train.dit", "vigface_jax.preview",
+                "vigface_jax.generate.task", "vigface_jax.generate.audit_task")
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -41,6 +42,11 @@ def test_models_never_import_the_trainer_and_data_never_imports_evaluate():
                          and dst.startswith("vigface_jax.train"))
   assert not _violations(lambda src, dst: src.startswith("vigface_jax.data")
                          and dst.startswith("vigface_jax.evaluate"))
+
+
+def test_every_registered_task_is_checked_here():
+  from vigface_jax import tasks  # pylint: disable=g-import-not-at-top
+  assert set(tasks.TASKS.values()) == set(TASK_MODULES)
 
 
 def test_no_task_module_imports_another():

@@ -259,7 +259,7 @@ def test_write_shard_validates_its_inputs(tmp_path):
       (dict(images=good["images"].astype(np.float32)), "images must be uint8"),
       (dict(labels=good["labels"] + 2), "label 2 is outside the shard's labels \\[0, 2\\)"),
       (dict(indices=np.zeros(6, int)), "index 0\\) occurs 3 times"),
-      (dict(indices=good["indices"] + 1), "indices must be in \\[0, images_per_id=3\\)"),
+      (dict(indices=good["indices"] + 1), "indices must be in \\[0, the identity.s count <= 3\\)"),
       (dict(seeds=good["seeds"][:3]), "seeds must be integers of shape \\[6\\]"),
       (dict(landmarks=good["landmarks"][:, :4]), "landmarks must be finite"),
       (dict(extra={"bad name": good["labels"]}), "extra name"),

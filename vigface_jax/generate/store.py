@@ -1,7 +1,7 @@
 """The resumable shard store of a generation run, its random-access source, and the manifest.
 
-Stage 3 draws `num_ids` identities (labels `0..num_ids-1`) x `images_per_id` images. The labels
-are cut into shards of `ids_per_shard` identities (shard `s` = labels `[s*P, min((s+1)*P,
+Stage 3 draws `num_ids` identities (labels `0..num_ids-1`) x `images_per_id` images (or the
+spec's `counts`, per identity, in augment mode). The labels are cut into shards of `ids_per_shard` identities (shard `s` = labels `[s*P, min((s+1)*P,
 num_ids))`), a size that depends on nothing but the spec, so a run can be resumed with another
 device count, batch size or number of processes. Each process writes the shards with
 `s % num_processes == process_index`; a shard once written is never written again unless it
@@ -26,9 +26,8 @@ complete shard or one that is redone; leftover temporary files of this process's
 removed when a writing store is opened. Encoding is deterministic (`codec`'s fixed PIL settings,
 zip entries with fixed timestamps), so a resumed run yields byte-identical shards.
 
-`StoreSource` serves all shards as a grain random-access source in label-major order (labels
-renumbered `0..K-1` when identities are excluded); `write_manifest` writes `WORKDIR/manifest.json`
-(spec, shards, totals, exports) on process 0.
+`StoreSource` serves all shards label-major (renumbered `0..K-1` when identities are excluded);
+`write_manifest` writes `WORKDIR/manifest.json` (spec, shards, totals, exports) on process 0.
 """
 
 from __future__ import annotations
@@ -191,9 +190,6 @@ def _as_int(name: str, value: Any, n: int, where: str) -> np.ndarray:
   return array.astype(np.int64)
 
 
-# -- the store ----------------------------------------------------------------
-
-
 def _normalise_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
   if not isinstance(spec, Mapping):
     raise ValueError(f"ShardStore: spec must be a dict, got {type(spec).__name__}.")
@@ -278,6 +274,10 @@ class ShardStore:
       self.spec = new
     self.num_ids, self.images_per_id, self.ids_per_shard = (
         int(self.spec[k]) for k in _REQUIRED_SPEC)
+    self.counts = np.asarray(self.spec.get("counts", [self.images_per_id] * self.num_ids))
+    if self.counts.shape != (self.num_ids,) or not 1 <= self.counts.min() <= self.counts.max(
+    ) <= self.images_per_id:  # per-identity image counts (augment mode)
+      raise ValueError(f"ShardStore: spec counts must be num_ids ints in [1, images_per_id].")
     self.image_format = self.spec.get("image_format", "png")
     self.quality = int(self.spec.get("quality", 95))
     if spec is not None:
@@ -315,8 +315,9 @@ class ShardStore:
     return range(s * self.ids_per_shard, min((s + 1) * self.ids_per_shard, self.num_ids))
 
   def shard_count(self, s: int) -> int:
-    """Images in shard `s`: its identities x `images_per_id`."""
-    return len(self.shard_labels(s)) * self.images_per_id
+    """Images in shard `s`: the `counts` of its identities (`images_per_id` each by default)."""
+    span = self.shard_labels(s)
+    return int(self.counts[span.start:span.stop].sum())
 
   def shard_path(self, s: int) -> str:
     return os.path.join(self.directory, f"shard-{self._check_shard(s):05d}.npz")
@@ -444,17 +445,19 @@ class ShardStore:
     if outside.any():
       raise ValueError(f"{where}: label {labels[outside][0]} is outside the shard's labels "
                        f"[{span.start}, {span.stop}).")
-    if ((indices < 0) | (indices >= per_id)).any():
-      raise ValueError(f"{where}: indices must be in [0, images_per_id={per_id}), got "
-                       f"[{indices.min()}, {indices.max()}].")
-    slot = (labels - span.start) * per_id + indices
+    own = self.counts[span.start:span.stop]
+    if ((indices < 0) | (indices >= own[labels - span.start])).any():
+      raise ValueError(f"{where}: indices must be in [0, the identity's count <= {per_id}), "
+                       f"got [{indices.min()}, {indices.max()}].")
+    start_of = np.concatenate([[0], np.cumsum(own)[:-1]])
+    slot = start_of[labels - span.start] + indices
     counts = np.bincount(slot, minlength=n)
     if (counts != 1).any():
       first = int(np.argmax(counts != 1))
-      label, index = divmod(first, per_id)
-      raise ValueError(f"{where}: (label {label + span.start}, index {index}) occurs "
-                       f"{counts[first]} times; every (label, index) of the shard must occur "
-                       "exactly once.")
+      label = int(np.searchsorted(start_of, first, side="right") - 1)
+      raise ValueError(f"{where}: (label {label + span.start}, index {first - start_of[label]}) "
+                       f"occurs {counts[first]} times; every (label, index) of the shard must "
+                       "occur exactly once.")
     order = np.argsort(slot, kind="stable")
     points = np.asarray(landmarks, np.float32)
     if points.shape != (n, NUM_LANDMARKS, 2) or not np.isfinite(points).all():

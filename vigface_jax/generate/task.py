@@ -208,13 +208,9 @@ class Drawer:
 
   def spec(self, group: Group) -> dict[str, Any]:
     """What must match for a rerun to continue a store (else ValueError from the store)."""
-    counts = np.unique(group.counts)
-    if len(counts) != 1:
-      raise config_lib.ConfigError(
-          f"{group.name}: identities with different image counts ({counts.min()}..{counts.max()})"
-          " are not supported yet: set images_per_id (augment mode: one count for every class)")
-    return {"group": group.name, "num_ids": int(len(group.rows)),
-            "images_per_id": int(counts[0]), "image_format": self.image_format,
+    spec = {"counts": [int(c) for c in group.counts]} if len(np.unique(group.counts)) > 1 else {}
+    return {**spec, "group": group.name, "num_ids": int(len(group.rows)),
+            "images_per_id": int(group.counts.max()), "image_format": self.image_format,
             "quality": self.quality, "rows_sha": _digest(group.rows),
             "ids_per_shard": self.ids_per_shard, "seed": self.seed + GROUP_SEEDS[group.name],
             "pose_source": group.pose_source, "guidance": self.guidance, "sampler": dataclasses.asdict(self.settings),
