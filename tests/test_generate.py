@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -106,6 +107,16 @@ def test_generate_writes_every_format_audit_and_manifest(generated):
   assert [int(src[i]["label"]) for i in range(len(src))] == store.labels.tolist()
   np.testing.assert_allclose(np.stack([src[i]["landmarks"] for i in range(len(src))]),
                              store.landmarks, atol=1e-4)
+  # Flagged identities are the ones left out of the export (audit.drop_flagged); every line
+  # of the CSV names the stage-1 row its identity was drawn from.
+  with open(os.path.join(workdir, "audit_identities.csv")) as f:
+    table = list(csv.DictReader(f))
+  flagged = sorted(int(r["label"]) for r in table if r["flagged"] == "1")
+  dropped = json.load(open(os.path.join(workdir, "identities.json")))["dropped"]
+  assert sorted(d["original_label"] for d in dropped) == flagged
+  everything = store_lib.StoreSource(workdir)
+  first = np.searchsorted(everything.original_labels, np.arange(4))
+  assert [int(r["row"]) for r in table] == everything.rows[first].tolist()
   audit = json.load(open(os.path.join(workdir, "audit.json")))
   assert set(audit["encoders"]) == {"stage1", "auditor"}
   assert {"control_class", "class_flag_rate"} <= set(audit["rates"])

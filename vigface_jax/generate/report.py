@@ -330,7 +330,7 @@ def audit_options(config: ml_collections.ConfigDict) -> audit_lib.AuditOptions:
 def run_audit(config, workdir: str, encs: dict[str, Callable], generated: dict[str, np.ndarray],
               gen_labels: np.ndarray, training: Reference, heldout: Reference,
               leak: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray] | None,
-              gen_image: Callable[[int], np.ndarray], rows: np.ndarray | None = None
+              gen_image: Callable[[int], np.ndarray], rows: dict[int, int] | None = None
               ) -> dict[str, Any]:
   """The audit under every encoder; writes its four files; returns the combined report."""
   options = audit_options(config)
@@ -449,7 +449,8 @@ def finish(config: ml_collections.ConfigDict, workdir: str, s1: Any, train_sourc
       true = np.asarray(by_group["leak"].row_ids)[leak_labels]
       leak = (embed(encs, leak_images), leak_labels, true)
     combined = run_audit(config, workdir, encs, gen_emb, gen_labels, training, heldout, leak,
-                         lambda i: gen_images[int(i)], rows=np.asarray(dataset.row_ids))
+                         lambda i: gen_images[int(i)],
+                         rows={i: int(r) for i, r in enumerate(dataset.row_ids)})
     flagged = sorted(int(x) for x in combined.get("flagged_labels", []))
     out["audit"] = {k: combined[k] for k in ("verdict", "passed", "conclusive", "encoders",
                                              "rates")}
