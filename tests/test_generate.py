@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+import textwrap
 
 import jax
 import numpy as np
@@ -305,3 +306,45 @@ def test_augment_tops_real_classes_up_with_their_own_rows(runs, tmp_path):
   with pytest.raises(ValueError, match="indices"):
     uneven.write_shard(0, images, labels=[0, 0, 1, 1], indices=[0, 1, 0, 1], rows=[0] * 4,
                        seeds=[0] * 4, landmarks=np.zeros((4, 5, 2)))
+
+
+_TWO_PROCESSES = textwrap.dedent("""
+    import sys
+    from absl import flags, logging
+    flags.FLAGS.mark_as_parsed()
+    logging.set_verbosity(logging.INFO)
+    import jax
+    address, process_id, workdir, s1, s2 = sys.argv[1:6]
+    jax.distributed.initialize(coordinator_address=address, num_processes=2,
+                               process_id=int(process_id), coordinator_bind_address=address,
+                               initialization_timeout=60)
+    from configs import generate
+    from vigface_jax import main
+    config = generate.get_config("tiny")
+    config.stage1.workdir, config.stage2.workdir = s1, s2
+    config.run_audit = False
+    config.formats = ("recordio",)
+    config.checks.fresh_ids = config.checks.pool_ids = 0
+    main.run(config, workdir)
+    print("OK")
+""")
+
+
+def test_two_processes_each_draw_their_own_shards_of_the_same_dataset(runs, tmp_path):
+  """Two JAX processes (one CPU device each): process p draws shards s % 2 == p, process 0
+  exports; the shards are byte-identical to a one-process run's."""
+  import test_multihost  # pylint: disable=g-import-not-at-top
+  one = str(tmp_path / "one")
+  config = _config(runs, run_audit=False, formats=("recordio",))
+  config.checks.fresh_ids = config.checks.pool_ids = 0
+  task.run(config, one)
+  two, logs = tmp_path / "two", tmp_path / "logs"
+  logs.mkdir()
+  outputs = test_multihost._run_processes(two, logs, child=_TWO_PROCESSES,
+                                          args=(runs["stage1"], runs["stage2"]))
+  assert _shard_digests(str(two)) == _shard_digests(one)
+  # Each process drew its own shard: the tiny dataset has two (2 identities each).
+  for out in outputs:
+    assert "1 to draw here" in out, out[-2000:]
+  recs = [recordio.RecordIOSource(os.path.join(d, "recordio", "train.rec")) for d in (one, two)]
+  assert [int(r["label"]) for r in recs[0]] == [int(r["label"]) for r in recs[1]]

@@ -84,8 +84,10 @@ def _child_env() -> dict[str, str]:
   return env
 
 
-def _run_processes(workdir: pathlib.Path, logdir: pathlib.Path) -> list[str]:
-  """Runs the `fr` task in `_NUM_PROCESSES` children; fails unless all exit 0 and print OK.
+def _run_processes(workdir: pathlib.Path, logdir: pathlib.Path, child: str = _CHILD,
+                   args: tuple[str, ...] = (str(_NUM_STEPS),)) -> list[str]:
+  """Runs `child` (default: the `fr` task) in `_NUM_PROCESSES` children, each with argv
+  `address, process id, workdir, *args`; fails unless all exit 0 and print OK.
 
   Returns each child's stdout + stderr. When one child fails the others are killed (they would
   otherwise wait in a collective until the coordinator's heartbeat timeout), and so are all of
@@ -98,7 +100,7 @@ def _run_processes(workdir: pathlib.Path, logdir: pathlib.Path) -> list[str]:
     log = open(logdir / f"process_{i}.log", "w+")  # a file, not a pipe: never blocks the child
     logs.append(log)
     procs.append(subprocess.Popen(
-        [sys.executable, "-c", _CHILD, address, str(i), str(workdir), str(_NUM_STEPS)],
+        [sys.executable, "-c", child, address, str(i), str(workdir), *args],
         env=env, cwd=logdir, stdout=log, stderr=subprocess.STDOUT, text=True))
   deadline = time.monotonic() + _TIMEOUT_S
   failed_at = None

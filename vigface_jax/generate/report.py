@@ -422,11 +422,11 @@ def _landmark_identity(encs, emb_by_group: dict[str, dict[str, np.ndarray]], poi
 
 
 def finish(config: ml_collections.ConfigDict, workdir: str, s1: Any, train_source: Any,
-           dataset: Any, groups: list, stores: dict, fresh: Fresh | None,
+           dataset: Any, groups: list, encs: dict[str, Callable], fresh: Fresh | None,
            pool: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
-  """Process 0, after every shard is drawn: audit, metrics, checks, sheet, export."""
+  """Process 0, after every shard is drawn: audit, metrics, checks, sheet, export; `encs` from
+  `encoders` (loaded on every process)."""
   out: dict[str, Any] = {}
-  encs = encoders(config, s1.workdir)
   judge = independent(encs)
   gen_src, gen_images = _store_arrays(dataset.root)
   gen_labels = np.asarray(gen_src.original_labels, np.int64)

@@ -311,9 +311,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "devices_per_process": len(jax.local_devices()), "processes": jax.process_count()}
   if timings.get("dataset"):
     summary["images_per_s"] = float(dataset.counts.sum() / max(timings["dataset"], 1e-9))
+  # Every process loads the encoders: Orbax's restore meets the other processes at a barrier.
+  encs = report.encoders(config, s1.workdir)
   if parallel.is_main_process():
-    stores = {g.name: drawer.open(g) for g in groups}
-    summary.update(report.finish(config, workdir, s1, train_source, dataset, groups, stores,
+    summary.update(report.finish(config, workdir, s1, train_source, dataset, groups, encs,
                                  fresh, pool))
     summary["total_drawn_images"] = drawn
     summary["wall_s"] = time.time() - tick
