@@ -98,7 +98,9 @@ def _read_chunk(source: Any, indices: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def read(source: Any, indices: np.ndarray, *, desc: str, workers: int = 2
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(images, labels, landmarks) of `source` records `indices`; procedural faces are rendered
-  by `workers` spawned processes (the renderer is pure numpy, one core each)."""
+  by `workers` spawned processes (the renderer is pure numpy, one core each). Spawned workers
+  import the caller's `__main__`: a script calling this must guard its entry point
+  (`if __name__ == "__main__":`, as `vigface_jax.main` does)."""
   indices = np.asarray(indices, np.int64)
   chunks = [indices[i:i + RENDER_CHUNK] for i in range(0, len(indices), RENDER_CHUNK)]
   parts = []
@@ -428,9 +430,11 @@ def finish(config: ml_collections.ConfigDict, workdir: str, s1: Any, train_sourc
   `encoders` (loaded on every process)."""
   out: dict[str, Any] = {}
   judge = independent(encs)
-  gen_src, gen_images = _store_arrays(dataset.root)
+  # The dataset is embedded a chunk at a time (VIGFace(L) holds 6M images); images that a
+  # figure shows are read back from the store.
+  gen_src = store_lib.StoreSource(dataset.root)
   gen_labels = np.asarray(gen_src.original_labels, np.int64)
-  gen_emb = embed(encs, gen_images)
+  gen_emb = reference(encs, gen_src, np.arange(len(gen_src)), "generated images").emb
   n_train = len(train_source)
   training = reference(encs, train_source, np.arange(n_train), "training images")
   by_group = {g.name: g for g in groups}
@@ -449,7 +453,7 @@ def finish(config: ml_collections.ConfigDict, workdir: str, s1: Any, train_sourc
       true = np.asarray(by_group["leak"].row_ids)[leak_labels]
       leak = (embed(encs, leak_images), leak_labels, true)
     combined = run_audit(config, workdir, encs, gen_emb, gen_labels, training, heldout, leak,
-                         lambda i: gen_images[int(i)],
+                         lambda i: np.asarray(gen_src[int(i)]["image"]),
                          rows={i: int(r) for i, r in enumerate(dataset.row_ids)})
     flagged = sorted(int(x) for x in combined.get("flagged_labels", []))
     out["audit"] = {k: combined[k] for k in ("verdict", "passed", "conclusive", "encoders",
