@@ -140,7 +140,8 @@ def test_rerun_after_interruption_gives_identical_checksums(runs, generated, tmp
   for name in ("imagefolder", "recordio", "arrayrecord", "manifest.json"):
     path = os.path.join(copy, name)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-  task.run(_config(runs), copy)
+  again_summary = task.run(_config(runs), copy)
+  assert again_summary["drawn_this_run"]["dataset"] == 8  # both shards redone: 2 ids × 2 each
   assert _shard_digests(copy) == want
   again = json.load(open(os.path.join(copy, "manifest.json")))
   assert again["shards"] == manifest["shards"]

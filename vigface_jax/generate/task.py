@@ -219,8 +219,9 @@ class Drawer:
   def open(self, group: Group) -> store_lib.ShardStore:
     return store_lib.ShardStore(group.root, spec=self.spec(group))
 
-  def draw(self, group: Group) -> store_lib.ShardStore:
-    """Draws every pending shard of `group` of this process; returns its store."""
+  def draw(self, group: Group) -> tuple[store_lib.ShardStore, int]:
+    """Draws every pending shard of `group` of this process; returns its store and the number
+    of images drawn."""
     store = self.open(group)
     todo = store.pending(jax.process_index(), jax.process_count())
     total = int(sum(store.shard_count(s) for s in todo))
@@ -228,7 +229,7 @@ class Drawer:
     logging.info("%s: %d identities, %d shards (%d to draw here, %d images)", group.name,
                  len(group.rows), store.num_shards, len(todo), total)
     if not todo:
-      return store
+      return store, 0
     bar = tqdm.tqdm(total=total, desc=f"generate {group.name}", unit="img", smoothing=0.1)
     writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     writing = None
@@ -251,7 +252,7 @@ class Drawer:
     finally:
       writer.shutdown(wait=True)
       bar.close()
-    return store
+    return store, total
 
   def _sample(self, rows: np.ndarray, lmk: np.ndarray, keys: np.ndarray, bar) -> np.ndarray:
     """Images of one shard, batches dispatched one ahead of the host copy."""
@@ -297,10 +298,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   groups = [dataset] + plan_controls(config, s1, dataset, workdir,
                                      None if fresh is None else fresh.rows)
   drawer = Drawer(config, run2, mesh, rules, pose_model, pool)
-  timings = {}
+  timings, drawn_here = {}, {}
   for group in groups:
     t0 = time.time()
-    drawer.draw(group)
+    drawn_here[group.name] = drawer.draw(group)[1]
     timings[group.name] = time.time() - t0
   parallel.sync("generate:drawn")
   drawn = int(sum(g.counts.sum() for g in groups))
@@ -309,8 +310,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "images": int(dataset.counts.sum()), "sampler": dataclasses.asdict(drawer.settings),
       "guidance": drawer.guidance, "stage2_step": run2.step, "draw_seconds": timings,
       "devices_per_process": len(jax.local_devices()), "processes": jax.process_count()}
-  if timings.get("dataset"):
-    summary["images_per_s"] = float(dataset.counts.sum() / max(timings["dataset"], 1e-9))
+  summary["drawn_this_run"] = drawn_here  # this process; 0 where a rerun found shards done
+  if drawn_here["dataset"]:
+    summary["images_per_s"] = float(drawn_here["dataset"] / max(timings["dataset"], 1e-9))
   # Every process loads the encoders: Orbax's restore meets the other processes at a barrier.
   encs = report.encoders(config, s1.workdir)
   if parallel.is_main_process():
