@@ -61,13 +61,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       "real training data (a data section) to compare the dataset with")
 
 
-def _labels(source: Any, n: int) -> np.ndarray:
-  labels = getattr(source, "labels", None)
-  if labels is not None:
-    return np.asarray(labels, np.int64)[:n]
-  return np.asarray([int(source[i]["label"]) for i in range(n)], np.int64)
-
-
 def _leak(config, data: ml_collections.ConfigDict, train_source: Any, labels: np.ndarray
           ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
   """(leak source, its indices, their true training labels, gallery indices kept)."""
@@ -109,7 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   generated = pipeline.build_source(config.dataset)
   n_gen = len(generated) if config.max_images is None else min(len(generated),
                                                                int(config.max_images))
-  gen_labels = _labels(generated, n_gen)
+  gen_labels = report.source_labels(generated, n_gen)
   if len(np.unique(gen_labels)) < 2:
     raise ConfigError(
         f"dataset ({config.dataset.source} {config.dataset.path}) has "
@@ -117,7 +110,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "audit compares identities, so the dataset needs identity labels (e.g. RecordIO packs "
         "with label 0 everywhere keep identities in a side file: data.label_file)")
   train_source = pipeline.build_source(train_data)
-  train_labels = _labels(train_source, len(train_source))
+  train_labels = report.source_labels(train_source)
   leak_src, leak_idx, leak_true, gallery = _leak(config, train_data, train_source, train_labels)
   training = report.reference(encs, train_source, gallery, "training images")
   heldout_src = report.heldout_source(config, train_data)

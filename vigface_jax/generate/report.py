@@ -42,6 +42,7 @@ import tqdm
 from vigface_jax import config_lib
 from vigface_jax import metrics as metrics_lib
 from vigface_jax import ops
+from vigface_jax import parallel
 from vigface_jax.data import faces
 from vigface_jax.data import pipeline
 from vigface_jax.evaluate import dataset_metrics
@@ -123,6 +124,19 @@ def read(source: Any, indices: np.ndarray, *, desc: str, workers: int = 2
   return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
+def source_labels(source: Any, n: int | None = None) -> np.ndarray:
+  """int64 labels of `source`'s first `n` records (default all), without decoding images where
+  the source knows them: its `.labels` (RecordIO, ImageFolder, a store), procedural faces by
+  arithmetic; other sources read every record."""
+  n = len(source) if n is None else int(n)
+  labels = getattr(source, "labels", None)
+  if labels is not None:
+    return np.asarray(labels, np.int64)[:n]
+  if isinstance(source, faces.ProceduralFaceSource):
+    return np.arange(n, dtype=np.int64) // source.images_per_identity
+  return np.asarray([int(source[i]["label"]) for i in range(n)], np.int64)
+
+
 def encoders(config: ml_collections.ConfigDict, stage1_workdir: str | None
              ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
   """`{'stage1': embed_fn, <name>: embed_fn, ...}`: the stage-1 export (if a workdir is
@@ -177,15 +191,10 @@ def fit_poses(config: ml_collections.ConfigDict, source: Any, workdir: str
         "landmarks`)")
   points, labels = np.stack(points), np.asarray(labels, np.int64)
   model = poses_lib.PoseModel.fit(points, int(config.pose.num_components), int(config.seed))
-  if jax_main():
+  if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
     model.save(os.path.join(workdir, "pose_model.npz"))
   return model, (points, labels)
-
-
-def jax_main() -> bool:
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_index() == 0
 
 
 @dataclasses.dataclass
@@ -194,9 +203,21 @@ class Fresh:
 
   ids: np.ndarray  # procedural identity ids
   rows: np.ndarray  # [F, d] unit rows from the stage-1 network
-  centre_images: int
-  ref_images: int
+  centre_images: int  # images per person giving the row; as many more are the references
   seed: int
+
+  def images(self, references: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(images, person index) of the row images (0..per−1 of each person) or the
+    references (per..2·per−1)."""
+    per = self.centre_images
+    source = faces.ProceduralFaceSource(seed=self.seed, num_identities=len(self.ids),
+                                        images_per_identity=2 * per,
+                                        identity_offset=int(self.ids[0]))
+    idx = (np.arange(len(self.ids))[:, None] * 2 * per + per * references
+           + np.arange(per)[None]).reshape(-1)
+    images, labels, _ = read(source, idx, desc="fresh people " + (
+        "(references)" if references else "(row images)"))
+    return images, labels
 
 
 def fresh_people(config: ml_collections.ConfigDict, s1: Any) -> Fresh | None:
@@ -206,36 +227,18 @@ def fresh_people(config: ml_collections.ConfigDict, s1: Any) -> Fresh | None:
   data = s1.config.data
   if data.source != "procedural" or not int(c.fresh_ids) or not int(c.fresh_images):
     return None
-  ids = int(c.fresh_offset) + np.arange(int(c.fresh_ids))
-  per = int(c.fresh_centre_images)
-  source = faces.ProceduralFaceSource(seed=int(data.seed), num_identities=len(ids),
-                                      images_per_identity=2 * per,
-                                      identity_offset=int(c.fresh_offset))
-  # Images 0..per-1 of each fresh person give the row; per..2·per-1 are the references.
-  idx = (np.arange(len(ids))[:, None] * 2 * per + np.arange(per)[None]).reshape(-1)
-  images, labels, _ = read(source, idx, desc="fresh people (rows)")
+  fresh = Fresh(ids=int(c.fresh_offset) + np.arange(int(c.fresh_ids)), rows=np.zeros(0),
+                centre_images=int(c.fresh_centre_images), seed=int(data.seed))
+  images, labels = fresh.images(references=False)
   emb = embed_lib.load_embedder(s1.workdir, batch_size=EMBED_BATCH)[0](images)
-  rows = np.stack([ops.l2_normalize_np(emb[labels == i].mean(0), axis=0)
-                   for i in range(len(ids))])
-  return Fresh(ids=ids, rows=rows.astype(np.float32), centre_images=per, ref_images=per,
-               seed=int(data.seed))
-
-
-def _fresh_references(fresh: Fresh) -> tuple[np.ndarray, np.ndarray]:
-  per = fresh.centre_images
-  source = faces.ProceduralFaceSource(seed=fresh.seed, num_identities=len(fresh.ids),
-                                      images_per_identity=2 * per,
-                                      identity_offset=int(fresh.ids[0]))
-  idx = (np.arange(len(fresh.ids))[:, None] * 2 * per + per + np.arange(per)[None]).reshape(-1)
-  images, labels, _ = read(source, idx, desc="fresh people (references)")
-  return images, labels
+  fresh.rows = np.stack([ops.l2_normalize_np(emb[labels == i].mean(0), axis=0)
+                         for i in range(len(fresh.ids))]).astype(np.float32)
+  return fresh
 
 
 def _top1_among(emb: np.ndarray, labels: np.ndarray, ref: np.ndarray, ref_labels: np.ndarray
                 ) -> dict[str, float]:
-  ids = np.unique(ref_labels)
-  centres = np.stack([ops.l2_normalize_np(ops.l2_normalize_np(ref[ref_labels == i], axis=1)
-                                          .mean(0), axis=0) for i in ids])
+  ids, centres = audit_lib.centres(ref, ref_labels)
   e = ops.l2_normalize_np(emb, axis=1)
   cos = e @ centres.T
   pos = np.searchsorted(ids, labels)
@@ -249,25 +252,15 @@ def generalisation(encs: dict[str, Callable], fresh: Fresh, store_root: str) -> 
   drawn = store_lib.StoreSource(store_root)
   images = np.stack([drawn[i]["image"] for i in range(len(drawn))])
   labels = np.asarray(drawn.original_labels, np.int64)
-  ref, ref_labels = _fresh_references(fresh)
+  ref, ref_labels = fresh.images(references=True)
+  # The ceiling: the fresh people's row images identified among the same references.
+  row_images, row_labels = fresh.images(references=False)
   out = {}
   for name, fn in encs.items():
-    e_gen, e_ref = fn(images), fn(ref)
-    generated = _top1_among(e_gen, labels, e_ref, ref_labels)
-    # The ceiling: the fresh people's row images identified among the same references.
-    real = _top1_among(fn(_row_images(fresh)), np.repeat(np.arange(len(fresh.ids)),
-                                                          fresh.centre_images), e_ref, ref_labels)
-    out[name] = {"generated": generated, "real_images": real}
+    e_ref = fn(ref)
+    out[name] = {"generated": _top1_among(fn(images), labels, e_ref, ref_labels),
+                 "real_images": _top1_among(fn(row_images), row_labels, e_ref, ref_labels)}
   return out
-
-
-def _row_images(fresh: Fresh) -> np.ndarray:
-  per = fresh.centre_images
-  source = faces.ProceduralFaceSource(seed=fresh.seed, num_identities=len(fresh.ids),
-                                      images_per_identity=2 * per,
-                                      identity_offset=int(fresh.ids[0]))
-  idx = (np.arange(len(fresh.ids))[:, None] * 2 * per + np.arange(per)[None]).reshape(-1)
-  return read(source, idx, desc="fresh people (row images)")[0]
 
 
 # -- the real references ---------------------------------------------------------------------
@@ -399,24 +392,19 @@ def _landmark_identity(encs, emb_by_group: dict[str, dict[str, np.ndarray]], poi
                        pool: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
   """How often an image is recognised as the owner of its landmark set, per pose source."""
   pool_points, pool_labels = pool
-  ids = np.unique(training.labels)
+  centres = {name: audit_lib.centres(training.emb[name], training.labels) for name in encs}
   out: dict[str, Any] = {"landmarks_alone": poses_lib.landmark_identifiability(pool_points,
                                                                                pool_labels)}
   for group, source in sources.items():
-    pts = points_by_group[group]
-    if source == "pool":
-      owners = owners_by_group[group]
-    else:
-      _, nearest = poses_lib.nearest_pool_distance(pts, pool_points, return_index=True)
-      owners = pool_labels[nearest]
-    entry: dict[str, Any] = {"group": group}
-    dist = poses_lib.nearest_pool_distance(pts, pool_points)
-    entry["nearest_training_set_rms_px_p50"] = float(np.median(dist))
+    dist, nearest = poses_lib.nearest_pool_distance(points_by_group[group], pool_points,
+                                                    return_index=True)
+    # 'pool' sets are owned by whom they were copied from; a model draw by the nearest set's.
+    owners = owners_by_group[group] if source == "pool" else pool_labels[nearest]
+    entry: dict[str, Any] = {"group": group,
+                             "nearest_training_set_rms_px_p50": float(np.median(dist))}
     for name in encs:
-      centres = np.stack([ops.l2_normalize_np(ops.l2_normalize_np(
-          training.emb[name][training.labels == i], axis=1).mean(0), axis=0) for i in ids])
-      entry[name] = poses_lib.owner_identification(emb_by_group[group][name], owners, centres,
-                                                   ids)
+      ids, c = centres[name]
+      entry[name] = poses_lib.owner_identification(emb_by_group[group][name], owners, c, ids)
     out[source] = entry
   same = poses_lib.same_identity_distance(training.points, training.labels)
   out["same_person_rms_px_p50"] = float(np.nanmedian(same))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 from flax import nnx
 import jax
@@ -151,21 +151,37 @@ class Generator:
                            seeds=lambda start: jax.random.PRNGKey(seed + start))
 
   def draw(self, params: Any, rest: Any, rows: np.ndarray, landmark_images: np.ndarray,
-           keys: np.ndarray, guidance: float) -> np.ndarray:
+           keys: np.ndarray, guidance: float,
+           progress: Callable[[int], Any] | None = None) -> np.ndarray:
     """uint8 `[n, H, W, 3]` faces as `__call__`, image i drawn from its own raw key
-    `keys[i]` (uint32 `[n, 2]`): independent of batch size and batch boundaries."""
+    `keys[i]` (uint32 `[n, 2]`): independent of batch size and batch boundaries. Each batch is
+    dispatched before the previous one is copied to the host; `progress(count)` is called as
+    each batch arrives."""
     if not self.per_example_keys:
       raise ValueError("draw() needs a Generator built with per_example_keys=True")
     keys = np.asarray(keys, np.uint32)
     if keys.shape != (len(rows), 2):
       raise ValueError(f"draw: keys must be uint32 [{len(rows)}, 2], got {keys.shape}")
-    guidance = jnp.asarray(guidance, jnp.float32)
+    b, n = self.batch_size, len(rows)
+    out = np.empty((n,) + landmark_images.shape[1:3] + (3,), np.uint8)
+    guidance = np.float32(guidance)
+    inflight = None
 
-    def one(r, l, k):
-      return self.sample(params, rest, jnp.asarray(r), jnp.asarray(l), jnp.asarray(k), guidance)
+    def collect(start, count, result):
+      out[start:start + count] = np.asarray(result)[:count]
+      if progress is not None:
+        progress(count)
 
-    return ops.map_batches(one, [np.asarray(rows), np.asarray(landmark_images), keys],
-                           self.batch_size, fills=["zeros", "first", "first"])
+    for start in range(0, n, b):
+      parts = [ops.pad_batch(a[start:start + b], b, fill)[0] for a, fill in
+               ((rows, "zeros"), (landmark_images, "first"), (keys, "first"))]
+      result = self.sample(params, rest, *parts, guidance)
+      if inflight is not None:
+        collect(*inflight)
+      inflight = (start, min(b, n - start), result)
+    if inflight is not None:
+      collect(*inflight)
+    return out
 
 
 def image_keys(seed: int, labels: np.ndarray, indices: np.ndarray) -> np.ndarray:

@@ -277,7 +277,7 @@ class ShardStore:
     self.counts = np.asarray(self.spec.get("counts", [self.images_per_id] * self.num_ids))
     if self.counts.shape != (self.num_ids,) or not 1 <= self.counts.min() <= self.counts.max(
     ) <= self.images_per_id:  # per-identity image counts (augment mode)
-      raise ValueError(f"ShardStore: spec counts must be num_ids ints in [1, images_per_id].")
+      raise ValueError("ShardStore: spec counts must be num_ids ints in [1, images_per_id].")
     self.image_format = self.spec.get("image_format", "png")
     self.quality = int(self.spec.get("quality", 95))
     if spec is not None:

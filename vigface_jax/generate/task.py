@@ -40,7 +40,6 @@ import tqdm
 
 from vigface_jax import config_lib
 from vigface_jax import metrics as metrics_lib
-from vigface_jax import ops
 from vigface_jax import parallel
 from vigface_jax.data import pipeline
 from vigface_jax.diffusion import samplers
@@ -113,15 +112,6 @@ class Group:
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _real_counts(source: Any, n: int) -> np.ndarray:
-  labels = getattr(source, "labels", None)
-  if labels is None and hasattr(source, "images_per_identity"):
-    return np.full(n, int(source.images_per_identity), np.int64)
-  if labels is None:
-    labels = np.array([int(source[i]["label"]) for i in range(len(source))])
-  return np.bincount(np.asarray(labels, np.int64), minlength=n)
-
-
 def plan_dataset(config: ml_collections.ConfigDict, s1: loading.Stage1, source: Any,
                  workdir: str) -> Group:
   """The dataset's rows: `num_ids` virtual rows (or real rows in augment mode)."""
@@ -139,7 +129,7 @@ def plan_dataset(config: ml_collections.ConfigDict, s1: loading.Stage1, source: 
     return Group("dataset", workdir, s1.virtual[chosen], n + chosen,
                  np.full(num, int(config.images_per_id), np.int64), config.pose.source,
                  "virtual")
-  have = _real_counts(source, n)
+  have = np.bincount(report.source_labels(source), minlength=n)
   target = int(config.augment_to)
   classes = np.flatnonzero(have < target)
   if config.num_ids is not None:
@@ -255,27 +245,9 @@ class Drawer:
     return store, total
 
   def _sample(self, rows: np.ndarray, lmk: np.ndarray, keys: np.ndarray, bar) -> np.ndarray:
-    """Images of one shard, batches dispatched one ahead of the host copy."""
-    b = self.generator.batch_size
-    n = len(rows)
-    out = np.empty((n,) + lmk.shape[1:3] + (3,), np.uint8)
-    guidance = np.float32(self.guidance)
-    inflight = None
-    for start in range(0, n, b):
-      parts = [ops.pad_batch(a[start:start + b], b, fill)[0] for a, fill in
-               ((rows, "zeros"), (lmk, "first"), (keys, "first"))]
-      result = self.generator.sample(self.run.params, self.run.rest, *parts, guidance)
-      if inflight is not None:
-        self._collect(out, *inflight, bar)
-      inflight = (start, min(b, n - start), result)
-    if inflight is not None:
-      self._collect(out, *inflight, bar)
-    return out
-
-  @staticmethod
-  def _collect(out, start, count, result, bar) -> None:
-    out[start:start + count] = np.asarray(result)[:count]
-    bar.update(count)
+    """Images of one shard (`Generator.draw`: batches dispatched one ahead of the host copy)."""
+    return self.generator.draw(self.run.params, self.run.rest, rows, lmk, keys, self.guidance,
+                               progress=bar.update)
 
 
 def _digest(a: np.ndarray) -> str:
