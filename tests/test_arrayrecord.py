@@ -168,3 +168,18 @@ def test_remote_output_is_staged_locally_then_uploaded(monkeypatch, tmp_path):
   original = faces.ProceduralFaceSource(seed=0, num_identities=2, images_per_identity=2)
   assert len(source) == 4
   assert np.abs(source[3]["image"].astype(int) - original[3]["image"]).mean() < 3  # JPEG
+
+
+def test_serialised_examples_do_not_depend_on_the_process_hash_seed():
+  # The features map's order would follow each process's hash seed: an export rerun in a new
+  # process would then write other bytes for the same dataset (and other manifest checksums).
+  script = ("import hashlib, numpy as np; from vigface_jax.data import arrayrecord; "
+            "print(hashlib.sha256(arrayrecord.serialize({'image_bytes': b'face', 'label': 7, "
+            "'landmarks': np.arange(10, dtype=np.float32), 'has_landmarks': True})).hexdigest())")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  digests = set()
+  for seed in ("1", "2", "3", "4"):
+    env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=root)
+    digests.add(subprocess.run([sys.executable, "-c", script], env=env, cwd=root, check=True,
+                               capture_output=True, text=True).stdout.strip())
+  assert len(digests) == 1, digests

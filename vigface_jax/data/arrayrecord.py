@@ -67,7 +67,9 @@ def serialize(element: dict[str, Any], *, encoding_format: str = "jpeg",
       "landmarks": f.Feature(float_list=f.FloatList(value=points.tolist())),
       "has_landmarks": f.Feature(int64_list=f.Int64List(value=[int(has)])),
   }))
-  return example.SerializeToString()
+  # deterministic: the features map in key order. Otherwise its order follows the process's
+  # hash seed, and the same dataset exported by two processes gives different shards.
+  return example.SerializeToString(deterministic=True)
 
 
 def parse(record: bytes) -> dict[str, Any]:
