@@ -54,7 +54,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   config.model = config_dict.ConfigDict()
   config.model.variant = "tiny" if tiny else ("small" if demo else "B")  # dit.VARIANTS
-  config.model.patch_size = 16 if small else 8  # must divide 112
+  # The side the DiT draws at (≤ 112): below 112 the training faces and landmark images are
+  # resized down to it and the samples back up to 112 (models/stage2.py).
+  config.model.image_size = 112
+  config.model.patch_size = 16 if small else 8  # must divide model.image_size
   config.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU
   config.model.remat = False  # rematerialise blocks (memory for compute)
   # lax.scan over depth: shorter compiles of deep models; on XLA:CPU its speed against the

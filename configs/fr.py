@@ -18,8 +18,13 @@ Variants (`--config=configs/fr.py:<variant>`):
            pairs use 1,000,000+), with another initialisation seed, squeeze-excitation blocks
            (arch small_se), a 96-d embedding and no virtual rows: what a public ArcFace model
            trained on other people is for real users.
+  usefulness  the yardstick of what a generated dataset teaches (`configs/quality.py`): the
+           demo recipe without virtual rows (k = 0) for 1,000 steps on 200 identities × 20
+           images, verified on the demo's held-out procedural pairs; the quality task runs it
+           on 200 real procedural identities and on 200 generated ones.
   tiny     seconds, for tests.
   tiny_auditor  the auditor's differences at `tiny` size, for tests.
+  tiny_usefulness  the usefulness recipe's differences (k = 0) at `tiny` size, for tests.
 
 Defaults the paper leaves open are ours (DESIGN §1): s, m, SGD, schedule, flip.
 """
@@ -35,11 +40,14 @@ AUDITOR_IDENTITY_OFFSET = 2_000_000
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   args = config_lib.parse_arg(arg, variant="default")
-  variants = ("default", "demo", "tiny", "auditor", "tiny_auditor")
+  variants = ("default", "demo", "tiny", "auditor", "tiny_auditor", "usefulness",
+              "tiny_usefulness")
   if args.variant not in variants:
     raise ValueError(f"configs/fr.py: unknown variant {args.variant!r}; use one of {variants}")
   auditor = args.variant in ("auditor", "tiny_auditor")
-  demo, tiny = args.variant in ("demo", "auditor"), args.variant in ("tiny", "tiny_auditor")
+  useful = args.variant in ("usefulness", "tiny_usefulness")
+  demo = args.variant in ("demo", "auditor", "usefulness")
+  tiny = args.variant in ("tiny", "tiny_auditor", "tiny_usefulness")
   small = demo or tiny
   config = config_dict.ConfigDict()
   config.task = "fr"
@@ -52,7 +60,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       source="procedural" if small else "recordio",
       global_batch_size=8 if tiny else (64 if demo else 512),
       worker_count=0 if small else 8, read_threads=0 if small else 16,
-      num_identities=16 if tiny else 800, images_per_identity=8 if tiny else 24, cache=small,
+      num_identities=16 if tiny else (200 if useful else 800),
+      images_per_identity=8 if tiny else (20 if useful else 24), cache=small,
       identity_offset=AUDITOR_IDENTITY_OFFSET if auditor else 0)
 
   config.model = config_dict.ConfigDict()
@@ -76,7 +85,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.margin.h = 0.333  # AdaFace only: the norm-adaptive margin's concentration
 
   config.virtual = config_dict.ConfigDict()
-  config.virtual.num_virtual = 0 if auditor else (16 if tiny else (800 if demo else 120_000))  # k
+  config.virtual.num_virtual = 0 if auditor or useful else (
+      16 if tiny else (800 if demo else 120_000))  # k
   config.virtual.alpha = 0.9  # σ EMA weight of the old value
   config.virtual.per_step = config_dict.placeholder(int)  # None: b_v = round(k·b_r/n)
 
@@ -87,7 +97,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   # Every field: config_lib.train_config. The default trains ~30 epochs of CASIA.
   config.train = config_lib.train_config(
-      num_steps=4 if tiny else (2_200 if demo else 30 * CASIA_IMAGES // 512),
+      num_steps=4 if tiny else (1_000 if useful else (2_200 if demo else 30 * CASIA_IMAGES // 512)),
       log_every=2 if tiny else (50 if demo else 100),
       checkpoint_every=2 if tiny else (600 if demo else 2_000), seed=1 if auditor else 0)
 
@@ -95,7 +105,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.evals = config_dict.ConfigDict()
   config.evals.verify = config_dict.ConfigDict()
   config.evals.verify.type = "verification"  # the insightface 10-fold protocol
-  config.evals.verify.every = 0 if tiny else (1_100 if demo else 2_000)
+  config.evals.verify.every = 0 if tiny or useful else (1_100 if demo else 2_000)
   config.evals.verify.batch_size = 40 if tiny else 200  # images per embedding call
   config.evals.verify.bins = ()  # insightface .bin packs (lfw.bin, cfp_fp.bin, agedb_30.bin, ...)
   config.evals.verify.baselines = small  # also score raw pixels on the procedural pairs

@@ -9,7 +9,8 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vigface_jax"
 TASK_MODULES = ("vigface_jax.train.fr", "vigface_jax.train.dit", "vigface_jax.preview",
-                "vigface_jax.generate.task", "vigface_jax.generate.audit_task")
+                "vigface_jax.generate.task", "vigface_jax.generate.audit_task",
+                "vigface_jax.evaluate.quality")
 
 
 def _modules() -> dict[str, pathlib.Path]:

@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -16,9 +17,11 @@ from configs import dit as dit_config
 from configs import fr as fr_config
 from test_train import _checkpoint_tree, _Crash, _CrashingIterator
 from vigface_jax import config_lib
+from vigface_jax.data import faces
 from vigface_jax.data import landmarks as landmarks_lib
 from vigface_jax.data import pipeline
 from vigface_jax.evaluate import embed as embed_lib
+from vigface_jax.models import iresnet
 from vigface_jax.models import stage2
 from vigface_jax.train import dit
 from vigface_jax.train import fr
@@ -242,3 +245,44 @@ def test_identity_loss_gradient_reaches_the_dit_and_nothing_else():
   paths = {path for path, _ in with_id.flat_state()}
   assert paths and all(path[0] == "dit" for path in paths)
   assert not any(path[0] in ("fr", "rows") for path, _ in nnx.state(model, trainable).flat_state())
+
+
+def test_stage2_draws_at_a_reduced_size_and_samples_in_the_112_frame(stage1, tmp_path):
+  config = _tiny(stage1)
+  config.model.image_size = 32  # the tiny stage 1 sees 32×32 crops
+  for name in ("identity", "landmarks", "guidance_sweep"):
+    config.evals[name].every = -1
+  summary = dit.run(config, str(tmp_path / "dit32"))
+  assert np.isfinite(summary["train/loss_diffusion"]) and np.isfinite(
+      summary["train/loss_identity"])
+  reduced = np.asarray(Image.open(tmp_path / "dit32" / "samples" / "step_0000004.png"))
+  cell = landmarks_lib.IMAGE_SIZE
+  assert reduced.shape[0] % cell == 0 and reduced.shape[1] % (2 * cell) == 0
+  # The DiT itself works at 32: its position table has (32 / 16)² tokens.
+  model = stage2.builder(config.model, embed_lib.read_info(stage1)[1], 16)(rngs=nnx.Rngs(0))
+  assert model.dit.input_size == 32 and model.dit.grid_size == 2
+
+
+def test_reduced_size_targets_are_what_the_fr_network_sees():
+  image = faces.render_face(0, 3, 1)[0][None]
+  model_range = stage2.to_model_range(jnp.asarray(image))
+  np.testing.assert_allclose(np.asarray(stage2.resize(model_range, 48)),
+                             np.asarray(iresnet.prepare(jnp.asarray(image), 48)), atol=1e-6)
+  assert stage2.resize(model_range, 112) is model_range
+
+
+def test_a_stage2_config_saved_before_image_size_builds_a_112_dit(stage1):
+  model_section = ml_collections.ConfigDict(dit_config.get_config("tiny").model.to_dict())
+  del model_section["image_size"]
+  model = stage2.builder(model_section, embed_lib.read_info(stage1)[1], 16)(rngs=nnx.Rngs(0))
+  assert model.dit.input_size == 112 and model.image_size == 112
+
+
+@pytest.mark.parametrize("size,patch,field", [(40, 16, "model.patch_size"),
+                                              (113, 16, "model.image_size"),
+                                              (0, 16, "model.image_size")])
+def test_bad_image_size_or_patch_names_the_field(tmp_path, size, patch, field):
+  config = dit_config.get_config("tiny")
+  config.model.image_size, config.model.patch_size = size, patch
+  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
+    dit.run(config, str(tmp_path))

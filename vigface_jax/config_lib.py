@@ -89,13 +89,16 @@ class Fields:
     """The readers of a nested section."""
     return Fields(self.get(key), self._path(key))
 
-  def int(self, key: str, least: int | None = None, *, optional: bool = False) -> int | None:
+  def int(self, key: str, least: int | None = None, *, most: int | None = None,
+          optional: bool = False) -> int | None:
     value = self.get(key)
     if value is None and optional:
       return None
     if isinstance(value, bool) or not isinstance(value, int) or (
-        least is not None and value < least):
-      self.fail(key, "an integer" + (f" ≥ {least}" if least is not None else ""), value)
+        least is not None and value < least) or (most is not None and value > most):
+      bounds = (f" ≥ {least}" if least is not None else "") + (
+          f"{',' if least is not None else ''} ≤ {most}" if most is not None else "")
+      self.fail(key, "an integer" + bounds, value)
     return value
 
   def float(self, key: str, least: float | None = None, *, above: float | None = None,

@@ -25,6 +25,7 @@ TASKS = {
     "dit": "vigface_jax.train.dit",
     "generate": "vigface_jax.generate.task",
     "audit": "vigface_jax.generate.audit_task",
+    "quality": "vigface_jax.evaluate.quality",
 }
 
 ConfigError = config_lib.ConfigError

@@ -100,10 +100,10 @@ def make_sampler(graphdef: nnx.GraphDef, schedule: schedules.Schedule,
                                      rescale=settings.guidance_rescale,
                                      negative=negative, negative_scale=pose_scale,
                                      skip_outside=settings.skip_unguided)
-    x0 = samplers.ddim_sample(model_fn, schedule, (rows.shape[0],) + lmk.shape[1:3] + (3,), rng,
-                              num_steps=settings.num_steps, eta=settings.eta,
+    x0 = samplers.ddim_sample(model_fn, schedule, (rows.shape[0],) + channels.shape[1:3] + (3,),
+                              rng, num_steps=settings.num_steps, eta=settings.eta,
                               kind=settings.prediction, spacing=settings.spacing, clip_x0=1.0)
-    return stage2.to_uint8(x0)
+    return stage2.to_uint8(model.to_output(x0))
 
   if mesh is None or state_shardings is None:
     return jax.jit(sample)

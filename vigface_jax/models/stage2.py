@@ -2,7 +2,11 @@
 
 The DiT sees the noisy image ⊕ the landmark image (6 channels), plus 3 channels per
 Gaussian-blurred copy of the landmark image (`landmark_blur` σ in pixels); its condition is
-`t_emb + Linear(row)`. The frozen FR network (identity loss, identity metrics) and the row table
+`t_emb + Linear(row)`. It draws at `image_size` (112, the aligned crop, by default): below
+112 the training faces and the 112×112 landmark images are resized down to it (the
+antialiased linear filter a stage-1 backbone trained at a reduced input size sees its crops
+through) and what it draws is resized back up to 112 (`to_output`), so everything outside the
+DiT (data, landmark images, samples, exports) stays in the 112×112 aligned frame. The frozen FR network (identity loss, identity metrics) and the row table
 are `Frozen` variables: the stage-2 optimizer never sees them (`TRAINABLE`).
 
 Everything here takes plain arguments (σ, dtypes, sizes), except `builder`, which turns a
@@ -25,6 +29,9 @@ from vigface_jax.models import dit as dit_lib
 from vigface_jax.models import face_recognizer
 from vigface_jax.models import iresnet
 
+# The aligned frame every image outside the DiT is in.
+OUTPUT_SIZE = landmarks_lib.IMAGE_SIZE
+
 # What the stage-2 optimizer updates: the DiT's parameters only (the FR network and the rows
 # ride in the train state's non-optimised part and get no gradient).
 TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("dit"))
@@ -40,13 +47,18 @@ class Stage2(nnx.Module):
   def __init__(self, variant: str, *, patch_size: int, fr_arch: str, embed_dim: int,
                fr_input_size: int, num_real: int, landmark_blur: tuple[float, ...] = (),
                dtype: Any = jnp.float32, remat: bool = False, scan_blocks: bool = False,
-               output_overlap: int = 0, rngs: nnx.Rngs):
+               output_overlap: int = 0, image_size: int = OUTPUT_SIZE, rngs: nnx.Rngs):
     """Args: the DiT's `dit.VARIANTS` name and patch size; the stage-1 backbone's arch,
     embedding size (= the rows' size) and input side; the number of real rows; σ of the
-    blurred landmark copies; the DiT's compute dtype, remat, scan over blocks and output
-    overlap (`models.dit.DiT`); initialisation RNGs."""
+    blurred landmark copies (in pixels at `image_size`); the DiT's compute dtype, remat,
+    scan over blocks and output overlap (`models.dit.DiT`); the side the DiT draws at
+    (≤ 112); initialisation RNGs."""
+    if not 0 < int(image_size) <= OUTPUT_SIZE:
+      raise ValueError(f"image_size must be in [1, {OUTPUT_SIZE}], got {image_size}")
     self.landmark_blur = tuple(float(s) for s in landmark_blur)
+    self.image_size = int(image_size)
     self.dit = dit_lib.DiT(variant, patch_size=int(patch_size), cond_dim=embed_dim,
+                           input_size=self.image_size,
                            in_channels=input_channels(self.landmark_blur),
                            cond_scale=math.sqrt(embed_dim),  # unit rows → unit RMS
                            dtype=dtype, remat=bool(remat), scan_blocks=bool(scan_blocks),
@@ -58,8 +70,22 @@ class Stage2(nnx.Module):
                        out_sharding=("classes", "embed"), eager_sharding=False)
 
   def landmark_channels(self, landmark_image: jax.Array) -> jax.Array:
-    """`landmark_channels` under this model's `landmark_blur`."""
-    return landmark_channels(landmark_image, self.landmark_blur)
+    """112×112 landmark images → `landmark_channels` at `image_size` under this model's
+    `landmark_blur`."""
+    return landmark_channels(self.to_model_size(landmark_image), self.landmark_blur)
+
+  def to_model_size(self, images: jax.Array) -> jax.Array:
+    """Float `[b, H, W, C]` images (the aligned frame) → `[b, image_size, image_size, C]`."""
+    return resize(images, self.image_size)
+
+  def to_output(self, images: jax.Array) -> jax.Array:
+    """What the DiT drew, `[b, image_size, image_size, 3]` in [-1, 1] → the 112×112 frame
+    (bicubic, clipped to [-1, 1])."""
+    if images.shape[1] == OUTPUT_SIZE:
+      return images
+    up = jax.image.resize(images, (images.shape[0], OUTPUT_SIZE, OUTPUT_SIZE, images.shape[3]),
+                          "cubic")
+    return jnp.clip(up, -1.0, 1.0)
 
   def denoise(self, x_t: jax.Array, t: jax.Array, cond: jax.Array | None,
               channels: jax.Array) -> jax.Array:
@@ -79,7 +105,18 @@ def builder(model: Any, fr_info: dict[str, Any], num_real: int):
       embed_dim=int(fr_info["embed_dim"]), fr_input_size=int(fr_info["input_size"]),
       num_real=num_real, landmark_blur=tuple(model.landmark_blur or ()),
       dtype=face_recognizer.compute_dtype(model.dtype), remat=bool(model.remat),
-      scan_blocks=bool(model.scan_blocks), output_overlap=int(model.output_overlap))
+      scan_blocks=bool(model.scan_blocks), output_overlap=int(model.output_overlap),
+      # Absent from configs saved before the field existed: those DiTs drew at 112.
+      image_size=int(model.get("image_size", None) or OUTPUT_SIZE))
+
+
+def resize(images: jax.Array, size: int) -> jax.Array:
+  """Float `[b, H, W, C]` → `[b, size, size, C]` with `iresnet.prepare`'s antialiased linear
+  filter (unchanged when already that size)."""
+  if images.shape[1:3] == (size, size):
+    return images
+  return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "linear",
+                          antialias=True)
 
 
 def to_model_range(images: jax.Array) -> jax.Array:

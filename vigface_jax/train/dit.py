@@ -56,7 +56,7 @@ def dit_loss(model: stage2.Stage2, batch: dict[str, jax.Array], rng: jax.Array, 
              schedule: schedules.Schedule) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Diffusion loss (+ identity loss) of one batch; see the module docstring."""
   d = cfg.diffusion
-  x0 = stage2.to_model_range(batch["image"])
+  x0 = model.to_model_size(stage2.to_model_range(batch["image"]))
   lmk = stage2.landmark_input(batch["landmarks"], batch["has_landmarks"])
   rows = jnp.take(model.rows[...], batch["label"], axis=0)
   r_t, r_n, r_c, r_l = jax.random.split(rng, 4)
@@ -94,8 +94,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   f.sub("stage1").str("workdir", optional=True)
   m = f.sub("model")
   m.choice("variant", sorted(dit_lib.VARIANTS))
-  if 112 % m.int("patch_size", 1):
-    m.fail("patch_size", "a divisor of 112", m.get("patch_size"))
+  size = m.int("image_size", 1, most=stage2.OUTPUT_SIZE)
+  if size % m.int("patch_size", 1):
+    m.fail("patch_size", f"a divisor of model.image_size = {size}", m.get("patch_size"))
   m.str("dtype")
   m.bool("remat")
   m.bool("scan_blocks")

@@ -1,0 +1,125 @@
+"""The quality task (`configs/quality.py`): usefulness rows from real and generated FR runs."""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import quality as quality_config
+from vigface_jax import config_lib
+from vigface_jax import tasks
+from vigface_jax.data import faces
+from vigface_jax.evaluate import quality
+
+# A stand-in generation run: 5 exported identities × 3 images, procedural people far from the
+# real baseline's (ids 500..504), with the metrics a generate run's summary carries.
+NUM, PER = 5, 3
+
+
+def _fake_generation(root, num=NUM, per=PER):
+  folder = root / "imagefolder"
+  for i in range(num):
+    d = folder / f"{i:03d}"
+    d.mkdir(parents=True)
+    for j in range(per):
+      Image.fromarray(faces.render_face(0, 500 + i, j)[0]).save(d / f"{j:02d}.png")
+  (root / "identities.json").write_text(json.dumps(
+      {"identities": [{"label": i, "count": per} for i in range(num)]}))
+  metrics = {"generated": {"consistency/top1": 0.9, "diversity/intra_pair_cos_mean": 0.7},
+             "real": {"consistency/top1": 0.95, "diversity/intra_pair_cos_mean": 0.6},
+             "realism": {"accuracy": 0.8, "fd": 0.2}}
+  (root / "summary.json").write_text(json.dumps(
+      {"judge": "aud", "metrics": {"aud": metrics}, "sampler": {"num_steps": 2},
+       "guidance": 4.0, "drawn_this_run": 15, "draw_seconds": {"dataset": 3.0}}))
+  (root / "config.json").write_text(json.dumps({"stage2": {"workdir": None}}))
+  return root
+
+
+def _config(gen, **overrides):
+  config = quality_config.get_config("tiny")
+  config.generated.workdir = str(gen)
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  return config
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+  root = tmp_path_factory.mktemp("quality")
+  gen = _fake_generation(root / "gen")
+  work = root / "work"
+  first = tasks.run(_config(gen, name="fake", note="planted"), str(work))
+  real_mtime = os.path.getmtime(work / "real" / "summary.json")
+  second = tasks.run(_config(gen, name="fake", control="shuffled_labels"), str(work))
+  return work, first, second, real_mtime
+
+
+def _summary(path):
+  with open(path) as fh:
+    return json.load(fh)
+
+
+def test_a_row_holds_both_runs_figures_and_the_generation_metrics(rows):
+  work, first, _, _ = rows
+  gen_acc = _summary(work / "rows" / "fake" / "fr" / "summary.json")[quality.ACCURACY]
+  real_acc = _summary(work / "real" / "summary.json")[quality.ACCURACY]
+  assert first["accuracy_generated"] == gen_acc and first["accuracy_real"] == real_acc
+  assert first["ratio"] == pytest.approx(gen_acc / real_acc)
+  g = first["generated"]
+  assert g["realism_accuracy"] == 0.8 and g["fd"] == 0.2
+  assert g["consistency/top1"] == {"generated": 0.9, "real": 0.95}
+  assert g["images_per_s"] == pytest.approx(5.0)
+  # The generated run trained on exactly the chosen images: 4 ids × 2, the first of each.
+  data = work / "rows" / "fake" / "data"
+  folders = sorted(os.listdir(data))
+  assert len(folders) == 4
+  targets = {os.path.realpath(data / d / f) for d in folders for f in os.listdir(data / d)}
+  assert targets == {os.path.realpath(work.parent / "gen" / "imagefolder" / f"{i:03d}" /
+                                      f"{j:02d}.png") for i in range(4) for j in range(2)}
+  sheet = np.asarray(Image.open(work / first["sheet"]))
+  assert sheet.shape == (2 * 2 * 112 + 6, 2 * 112, 3)
+  # Top block: the generated images; bottom block: real procedural faces.
+  first_image = work.parent / "gen" / "imagefolder" / "000" / "00.png"
+  np.testing.assert_array_equal(sheet[:112, :112], np.asarray(Image.open(first_image)))
+  np.testing.assert_array_equal(sheet[2 * 112 + 6:3 * 112 + 6, :112],
+                                faces.render_face(0, 0, 0)[0])
+
+
+def test_rows_accumulate_and_the_real_baseline_is_reused(rows):
+  work, _, second, real_mtime = rows
+  assert os.path.getmtime(work / "real" / "summary.json") == real_mtime
+  table = _summary(work / "quality.json")["rows"]
+  assert [r["name"] for r in table] == ["fake", "fake (control: shuffled_labels)"]
+  md = (work / "quality.md").read_text()
+  assert "fake — planted" in md and "fake (control: shuffled_labels)" in md
+  assert second["accuracy_real"] == table[0]["accuracy_real"]
+
+
+def test_the_shuffled_control_keeps_the_images_and_breaks_the_identities(rows):
+  work = rows[0]
+  base = work / "rows" / "fake" / "data"
+  shuffled = work / "rows" / "fake_control_shuffled_labels" / "data"
+
+  def groups(root):
+    return {frozenset(os.path.realpath(root / d / f) for f in os.listdir(root / d))
+            for d in os.listdir(root)}
+
+  g_base, g_shuffled = groups(base), groups(shuffled)
+  assert set().union(*g_base) == set().union(*g_shuffled)  # the same 8 images
+  assert g_base != g_shuffled  # dealt into other identities
+
+
+def test_bad_inputs_name_what_is_missing(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="no imagefolder export"):
+    quality.run(_config(tmp_path / "nothing"), str(tmp_path / "w"))
+  gen = _fake_generation(tmp_path / "small", num=3)
+  with pytest.raises(config_lib.ConfigError, match="only 3 exported identities"):
+    quality.run(_config(gen), str(tmp_path / "w"))
+  config = _config(gen)
+  config.fr.virtual.num_virtual = 4
+  with pytest.raises(config_lib.ConfigError, match="without virtual rows"):
+    quality.run(config, str(tmp_path / "w"))
+  with pytest.raises(config_lib.ConfigError, match="control"):
+    quality.run(_config(gen, control="typo"), str(tmp_path / "w"))
