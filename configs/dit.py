@@ -15,11 +15,12 @@ Variants (`--config=configs/dit.py:<variant>`):
            cosine schedule T = 1000, AdamW lr 1e-4, EMA 0.9999, global batch 256, condition
            dropout 0.1, identity-loss weight 0.05 on t < 300, DDIM 50 steps with guidance 4.0.
   demo     procedural faces (the data of `configs/fr.py:demo`) on a 2-core CPU in about half
-           an hour: a small DiT with 16×16 patches scanned over depth and cross-faded 4-pixel
-           output margins, the landmark image plus two blurred copies, x0-prediction, 1,800
-           steps of 32, then the sheet and the evaluations at guidance 4.0 (guided on an
-           interval, rescaled, DDIM η = 1) and a sheet and identity figures at 1.0. README
-           "Stage 2" has what it measured and why each setting is what it is.
+           an hour: a small DiT drawing at the demo FR network's 48×48 input (samples are
+           resized back to 112) with 6×6 patches (64 tokens) scanned over depth and
+           cross-faded 1-pixel output margins, the landmark image plus two blurred copies,
+           x0-prediction, 1,800 steps of 32, then the sheet and the evaluations at guidance
+           4.0 (guided on an interval, rescaled, DDIM η = 1) and a sheet and identity figures
+           at 1.0. README "Stage 2" has what it measured and why each setting is what it is.
   tiny     seconds, for tests.
 """
 
@@ -56,8 +57,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.model.variant = "tiny" if tiny else ("small" if demo else "B")  # dit.VARIANTS
   # The side the DiT draws at (≤ 112): below 112 the training faces and landmark images are
   # resized down to it and the samples back up to 112 (models/stage2.py).
-  config.model.image_size = 112
-  config.model.patch_size = 16 if small else 8  # must divide model.image_size
+  # The demo draws at its FR network's 48×48 (configs/fr.py:demo input_size): a CPU-sized
+  # DiT can put detail in every pixel there (README "Generator quality").
+  config.model.image_size = 48 if demo else 112
+  config.model.patch_size = (6 if demo else 16) if small else 8  # must divide model.image_size
   config.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU
   config.model.remat = False  # rematerialise blocks (memory for compute)
   # lax.scan over depth: shorter compiles of deep models; on XLA:CPU its speed against the
@@ -66,11 +69,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # Each token draws its patch plus `output_overlap` pixels around it, cross-faded with its
   # neighbours (dit.fold_patches): with 16×16 patches an undertrained DiT otherwise draws a
   # mosaic with a step at every patch border. 0 = DiT's unpatchify (the default's 8×8 patches).
-  config.model.output_overlap = 4 if small else 0
+  config.model.output_overlap = (1 if demo else 4) if small else 0
   # σ (pixels) of Gaussian-blurred copies of the landmark image given to the DiT as extra
   # input channels (models/stage2.py landmark_fields): with large patches only the token
   # holding a landmark's dot would see it. () = the landmark image alone (the paper).
-  config.model.landmark_blur = (6.0, 16.0) if small else ()
+  # σ in pixels at model.image_size: the demo's (2.6, 6.9) at 48 are (6, 16) at 112.
+  config.model.landmark_blur = ((2.6, 6.9) if demo else (6.0, 16.0)) if small else ()
   config.model.num_real = config_dict.placeholder(int)  # None: the source's num_classes
 
   config.diffusion = config_dict.ConfigDict()

@@ -47,6 +47,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   tiny = args.variant == "tiny"
   config = config_dict.ConfigDict()
   config.task = "quality"
+  # Multi-host start-up only; the fr runs use the mesh of their own section (config.fr).
+  config_lib.add_parallelism(config)
   config.generated = config_dict.ConfigDict()
   config.generated.workdir = config_dict.placeholder(str)  # a finished configs/generate.py run
   config.name = config_dict.placeholder(str)  # the row's name; None = the generate workdir's

@@ -17,13 +17,16 @@ from vigface_jax import tasks
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = [("fr", "default"), ("fr", "demo"), ("fr", "tiny"), ("dit", "default"),
-            ("dit", "demo"), ("dit", "tiny"), ("preview", "default"), ("preview", "tiny")]
+            ("dit", "demo"), ("dit", "tiny"), ("preview", "default"), ("preview", "tiny"),
+            ("quality", "demo"), ("quality", "tiny")]
 
 
 def _config(task: str, variant: str):
   config = importlib.import_module(f"configs.{task}").get_config(variant)
   if "data" in config and config.data.source != "procedural":
     config.data.path = "/data/faces_webface_112x112/train.rec"  # validate needs one
+  if "generated" in config:
+    config.generated.workdir = "/runs/gen_demo"  # required by the quality task
   return config
 
 

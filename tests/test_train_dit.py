@@ -286,3 +286,49 @@ def test_bad_image_size_or_patch_names_the_field(tmp_path, size, patch, field):
   config.model.image_size, config.model.patch_size = size, patch
   with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
     dit.run(config, str(tmp_path))
+
+
+_DEFAULT_ON_EIGHT = r"""
+import os, sys, tempfile
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+import jax
+from flax import nnx
+import numpy as np
+sys.path.insert(0, os.getcwd())
+from configs import dit as dit_config
+from vigface_jax import tasks
+from vigface_jax.evaluate import embed
+from vigface_jax.models import iresnet
+
+assert jax.device_count() == 8
+root = tempfile.mkdtemp()
+stage1 = os.path.join(root, "stage1")
+embed.save_backbone(os.path.join(stage1, "export"),
+                    iresnet.IResNet("tiny", embed_dim=32, input_size=32, rngs=nnx.Rngs(0)),
+                    arch="tiny", embed_dim=32, input_size=32)
+rows = np.random.default_rng(0).normal(size=(16, 32)).astype(np.float32)
+np.savez(os.path.join(stage1, "prototypes.npz"),
+         real=rows / np.linalg.norm(rows, axis=1, keepdims=True))
+config = dit_config.get_config()  # the paper's DiT-B/8 at 112, v-prediction, guidance 4.0
+assert (config.model.variant, config.model.patch_size, config.model.image_size,
+        config.diffusion.prediction, config.sample.guidance) == ("B", 8, 112, "v", 4.0)
+config.stage1.workdir = stage1
+# Only the data and the run length differ: procedural faces instead of CASIA's RecordIO.
+config.data.source, config.data.num_identities, config.data.images_per_identity = "procedural", 16, 2
+config.data.global_batch_size, config.data.worker_count, config.data.read_threads = 8, 0, 0
+config.train.num_steps, config.train.log_every, config.train.checkpoint_every = 2, 1, 100
+# FSDP over the 8 devices: replicated, DiT-B's parameters, AdamW moments and EMA would take
+# 8 × 2 GB of this machine's memory.
+config.mesh.shape = (1, 8, 1)
+for name in config.evals:
+  config.evals[name].every = -1
+summary = tasks.run(config, os.path.join(root, "dit"))
+assert np.isfinite(summary["train/loss"]), summary
+print("OK")
+"""
+
+
+def test_the_paper_default_dit_runs_steps_on_eight_fake_devices():
+  from conftest import run_on_fake_devices  # pylint: disable=g-import-not-at-top
+  run_on_fake_devices(_DEFAULT_ON_EIGHT, timeout=600)

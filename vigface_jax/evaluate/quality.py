@@ -17,6 +17,7 @@ unchanged), `rows/<name>/{data,fr,sheet.png,row.json}` and the table `quality.js
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import re
@@ -41,7 +42,8 @@ GENERATE_COMMAND = ("python -m vigface_jax.main --config=configs/generate.py:dem
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks every field of a quality config once (ConfigError)."""
+  """Checks every field of a quality config once, the fr recipe's by its own task (ConfigError)."""
+  config_lib.validate_parallelism(config)
   f = config_lib.Fields(config, "")
   f.sub("generated").str("workdir")
   f.str("name", optional=True)
@@ -56,6 +58,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   fr = config.get("fr")
   if not isinstance(fr, ml_collections.ConfigDict) or fr.get("task") != "fr":
     f.fail("fr", "an fr task config (configs/fr.py:usefulness)", fr)
+  importlib.import_module(tasks.TASKS["fr"]).validate(fr)
   if fr.data.source != "procedural" or int(fr.virtual.num_virtual) != 0:
     raise config_lib.ConfigError(
         "fr must be a procedural-data recipe without virtual rows (virtual.num_virtual = 0, "
