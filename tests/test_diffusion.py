@@ -113,6 +113,26 @@ def test_parameterization_round_trips():
     P.target("score", x0, eps, t, sched)
 
 
+def test_edm_target_has_unit_variance_and_is_v_at_unit_sigma_data(monkeypatch):
+  sched = S.cosine_schedule(1000)
+  k1, k2 = jax.random.split(jax.random.key(3))
+  t = jnp.array([0, 20, 150, 400, 700, 999])
+  # Data with EDM's σ_data: the F target has unit variance at every noise level.
+  x0 = P.EDM_SIGMA_DATA * jax.random.normal(k1, (t.shape[0], 64, 64, 3))
+  eps = jax.random.normal(k2, x0.shape)
+  f = np.asarray(P.target("edm", x0, eps, t, sched))
+  np.testing.assert_allclose(f.reshape(len(t), -1).std(axis=1), 1.0, atol=0.02)
+  # Low noise: x0_hat ≈ x_t whatever F is (the skip); high noise: x0_hat ≈ σ_data·F.
+  a, s = P.alpha_sigma(sched, t, 4)
+  c_skip, c_out = P.edm_coefficients(a, s)
+  assert float(c_skip[1, 0, 0, 0] * a[1, 0, 0, 0]) > 0.99 and float(c_out[1, 0, 0, 0]) < 0.05
+  assert float(c_skip[-1, 0, 0, 0]) < 1e-3
+  np.testing.assert_allclose(float(c_out[-1, 0, 0, 0]), P.EDM_SIGMA_DATA, rtol=1e-3)
+  monkeypatch.setattr(P, "EDM_SIGMA_DATA", 1.0)
+  np.testing.assert_allclose(P.target("edm", x0, eps, t, sched),
+                             -np.asarray(P.v_target(x0, eps, t, sched)), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- losses
 
 
@@ -145,7 +165,7 @@ def test_diffusion_loss_weighting_is_parameterization_invariant():
       per, mean = losses.diffusion_loss(pred, x0, eps, t, sched, kind, weighting)
       results[(weighting, kind)] = per
       np.testing.assert_allclose(mean, np.mean(per), rtol=1e-6)
-    for kind in ("eps", "v"):
+    for kind in ("eps", "v", "edm"):
       np.testing.assert_allclose(results[(weighting, kind)], results[(weighting, "x0")],
                                  rtol=2e-3)
   mse_x0 = np.mean((np.asarray(x0_hat) - np.asarray(x0)) ** 2, axis=(1, 2, 3))
@@ -292,7 +312,7 @@ def test_ddim_eta_noise_matters_with_fixed_x_T():
   assert float(jnp.abs(a - b).max()) > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["v", "eps", "x0"])
+@pytest.mark.parametrize("kind", ["v", "eps", "x0", "edm"])
 def test_ddpm_oracle_recovers_point_mass(kind):
   sched = S.cosine_schedule(100)
   x0_star = jnp.linspace(-0.9, 0.9, 2 * 4 * 4 * 3).reshape(2, 4, 4, 3)

@@ -32,7 +32,8 @@ def _fake_generation(root, num=NUM, per=PER):
              "realism": {"accuracy": 0.8, "fd": 0.2}}
   (root / "summary.json").write_text(json.dumps(
       {"judge": "aud", "metrics": {"aud": metrics}, "sampler": {"num_steps": 2},
-       "guidance": 4.0, "drawn_this_run": 15, "draw_seconds": {"dataset": 3.0}}))
+       "guidance": 4.0, "drawn_this_run": {"dataset": 15, "fresh": 4},
+       "draw_seconds": {"dataset": 3.0, "fresh": 1.0}}))
   (root / "config.json").write_text(json.dumps({"stage2": {"workdir": None}}))
   return root
 

@@ -27,7 +27,9 @@ def snr_weight(
   'snr' is w = SNR (the plain ε-MSE, expressed for each kind). 'v' is w = min(SNR + 1, γ), the
   v-MSE truncated at γ: with x0-prediction this is JiT's "x-prediction, v-loss" (Li & He 2025),
   which up-weights low-noise examples so a narrow model still learns sharp reconstructions.
-  'none' weighs every example by 1.
+  'none' weighs every example by 1. For 'edm' (‖x0 − x̂0‖² = c_out²·‖F − F̂‖², c_out² =
+  σ_d² / (1 + σ_d²·SNR)) an x0-space weight w becomes w·c_out²; its 'none' is EDM's own loss
+  weighting (unit weight on the unit-variance F target).
 
   Args:
     snr: signal-to-noise ratios, any shape.
@@ -44,6 +46,9 @@ def snr_weight(
   snr = jnp.asarray(snr, jnp.float32)
   if weighting == "none":
     return jnp.ones_like(snr)
+  if kind == "edm":
+    d2 = parameterization.EDM_SIGMA_DATA ** 2
+    return snr_weight(snr, "x0", weighting, min_snr_gamma) * d2 / (1.0 + d2 * snr)
   if weighting == "snr":
     if kind == "eps":
       return jnp.ones_like(snr)

@@ -1,7 +1,16 @@
-"""Forward process and conversions between ε-, v- and x0-predictions.
+"""Forward process and conversions between ε-, v-, x0- and EDM-preconditioned predictions.
 
 With a = √ᾱ_t and σ = √(1 − ᾱ_t) (a² + σ² = 1), x_t = a·x0 + σ·ε and v = a·ε − σ·x0, hence
-x0 = a·x_t − σ·v and ε = σ·x_t + a·v. Timesteps `t` are integer arrays of shape [b] (one per
+x0 = a·x_t − σ·v and ε = σ·x_t + a·v.
+
+'edm' is Karras et al. (2022)'s preconditioning written for this VP process: the network
+output F gives x0 = c_skip·x_t + c_out·F with, for r = √(σ² + σ_d²·a²),
+c_skip = σ_d²·a / r² and c_out = σ·σ_d / r (σ_d = `EDM_SIGMA_DATA`, the data's standard
+deviation). At low noise x0 ≈ x_t (a skip: the network only corrects it), at high noise
+x0 ≈ σ_d·F (an x0-prediction), and the target F = (σ·x0/σ_d − σ_d·a·ε) / r has unit variance
+at every noise level. σ_d = 1 is exactly v-prediction (F = −v); the smaller σ_d of images
+hands over from skip to x0-prediction at lower noise, where a v-model must still predict most
+of the noise. Timesteps `t` are integer arrays of shape [b] (one per
 example) or scalars; coefficients broadcast over the trailing dims of `[b, H, W, C]`.
 """
 
@@ -12,7 +21,8 @@ import jax.numpy as jnp
 
 from vigface_jax.diffusion.schedules import Schedule
 
-KINDS = ("eps", "v", "x0")
+KINDS = ("eps", "v", "x0", "edm")
+EDM_SIGMA_DATA = 0.5  # EDM's σ_data for images in [-1, 1]
 
 
 def _check_kind(kind: str) -> None:
@@ -54,7 +64,18 @@ def pred_to_x0_eps_coef(
     return (x_t - s * pred) / a, pred
   if kind == "x0":
     return pred, (x_t - a * pred) / s
+  if kind == "edm":
+    c_skip, c_out = edm_coefficients(a, s)
+    x0 = c_skip * x_t + c_out * pred
+    return x0, (x_t - a * x0) / s
   return a * x_t - s * pred, a * pred + s * x_t
+
+
+def edm_coefficients(a: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(c_skip, c_out) of the 'edm' kind at a = √ᾱ, s = √(1 − ᾱ) (see the module docstring)."""
+  d2 = EDM_SIGMA_DATA ** 2
+  r2 = s * s + d2 * a * a
+  return d2 * a / r2, s * EDM_SIGMA_DATA / jnp.sqrt(r2)
 
 
 def pred_to_x0_eps(
@@ -91,6 +112,10 @@ def target(
     return noise
   if kind == "x0":
     return x0
+  if kind == "edm":
+    a, s = alpha_sigma(schedule, t, x0.ndim)
+    d = EDM_SIGMA_DATA
+    return (s * x0 / d - d * a * noise) / jnp.sqrt(s * s + d * d * a * a)
   return v_target(x0, noise, t, schedule)
 
 

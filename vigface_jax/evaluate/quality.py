@@ -150,9 +150,11 @@ def _generated_figures(gen: str) -> dict[str, Any]:
   for key in ("consistency/top1", "separability/nearest_other_cos_mean",
               "diversity/intra_pair_cos_mean", "diversity/yaw_std"):
     out[key] = {"generated": gen_m.get(key), "real": real_m.get(key)}
-  drawn, seconds = summary.get("drawn_this_run"), summary.get("draw_seconds")
-  if drawn and isinstance(seconds, dict) and sum(seconds.values()) > 0:
-    out["images_per_s"] = float(drawn) / float(sum(seconds.values()))
+  # Per group of images ('dataset', controls); a resumed run drew none and has no rate.
+  drawn = (summary.get("drawn_this_run") or {}).get("dataset")
+  seconds = (summary.get("draw_seconds") or {}).get("dataset")
+  if drawn and seconds:
+    out["images_per_s"] = float(drawn) / float(seconds)
   return out
 
 

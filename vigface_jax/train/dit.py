@@ -113,7 +113,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d = f.sub("diffusion")
   d.choice("schedule", ("cosine", "linear"))
   num_t = d.int("timesteps", 2)
-  d.choice("prediction", ("v", "eps", "x0"))
+  d.choice("prediction", parameterization.KINDS)
   d.choice("weighting", ("none", "min_snr", "snr", "v"))
   d.float("snr_gamma", above=0.0)
   d.float("cond_drop", 0.0, most=1.0)
