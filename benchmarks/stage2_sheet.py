@@ -1,0 +1,65 @@
+r"""A stage-2 checkpoint's faces above the real faces they should look like (README figures).
+
+    python -m benchmarks.stage2_sheet --stage1=workdir/fr_demo --stage2=workdir/dit_demo \
+        --out=benchmarks/figures/stage2_demo.jpg [--guidance=4.0]
+
+Draws, with the run's own sampler settings (`sample.*` of its config.json), two images for
+each of 8 procedural training identities (ids 0, 7, ..., 49), each from that identity's real
+stage-1 row and under the landmark set of one of its real training images (images 0 and 1),
+and puts the two real images below them: the top row is what the DiT draws, the bottom row
+what it was trained to draw for the same row and landmarks. It draws the run's latest
+checkpoint, so a run stopped early gets its sheet too.
+"""
+
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image
+
+from vigface_jax import parallel
+from vigface_jax.data import faces
+from vigface_jax.generate import loading
+from vigface_jax.generate import sampling
+from vigface_jax.models import stage2
+
+_STAGE1 = flags.DEFINE_string("stage1", None, "A finished configs/fr.py run.", required=True)
+_STAGE2 = flags.DEFINE_string("stage2", None, "A configs/dit.py run trained on it.",
+                              required=True)
+_OUT = flags.DEFINE_string("out", None, "Output image (.png or .jpg).", required=True)
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance scale; default the run's own.")
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
+IDENTITIES = tuple(range(0, 56, 7))
+
+
+def sheet(stage1: str, stage2_dir: str, guidance: float | None, seed: int) -> np.ndarray:
+  """uint8 `[224, 16 · 112, 3]`: generated faces above the real ones (module docstring)."""
+  mesh = parallel.create_mesh(("data", "fsdp", "model"), (-1, 1, 1))
+  s1 = loading.load_stage1(stage1)
+  run = loading.load_stage2(stage2_dir, s1, mesh)
+  data_seed = int(run.config.data.seed)
+  real, points = [], []
+  for ident in IDENTITIES:
+    for index in range(2):
+      image, pts = faces.render_face(data_seed, ident, index)
+      real.append(image)
+      points.append(pts)
+  rows = s1.real[np.repeat(np.asarray(IDENTITIES), 2)]
+  gen = sampling.Generator(run.graphdef, run.schedule,
+                           sampling.SamplerSettings.from_config(run.config),
+                           batch_size=len(real))
+  scale = float(run.config.sample.guidance) if guidance is None else float(guidance)
+  drawn = gen(run.params, run.rest, rows, stage2.model_landmarks(np.stack(points)), seed, scale)
+  return np.concatenate([np.concatenate(list(drawn), 1), np.concatenate(real, 1)], 0)
+
+
+def main(argv):
+  del argv
+  Image.fromarray(sheet(_STAGE1.value, _STAGE2.value, _GUIDANCE.value, _SEED.value)).save(
+      _OUT.value, **({"quality": 88} if _OUT.value.endswith(".jpg") else {}))
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
