@@ -18,7 +18,7 @@ Variants (`--config=configs/dit.py:<variant>`):
            an hour: a small DiT drawing at the demo FR network's 48×48 input (samples are
            resized back to 112) with 6×6 patches (64 tokens) scanned over depth and
            cross-faded 1-pixel output margins, the landmark image plus two blurred copies,
-           x0-prediction, 1,800 steps of 32, then the sheet and the evaluations at guidance
+           x0-prediction with JiT's v-loss weighting, 1,800 steps of 32, then the sheet and the evaluations at guidance
            4.0 (guided on an interval, rescaled, DDIM η = 1) and a sheet and identity figures
            at 1.0. README "Stage 2" has what it measured and why each setting is what it is.
   tiny     seconds, for tests.
@@ -88,7 +88,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.diffusion.prediction = "x0" if small else "v"
   # none | min_snr | snr | v ('v' on an x0 prediction = JiT's x-prediction with a v-loss,
   # capped at snr_gamma).
-  config.diffusion.weighting = "none"
+  # The demo weighs each example's x0 error by min(SNR + 1, γ = 5): JiT's v-loss on an x0
+  # prediction. Unweighted, the 1,800-step x0 model blurs even a nearly clean input (README
+  # "Generator quality", benchmarks/figures/x0_predictions_*.jpg); the paper's v default needs
+  # no weight.
+  config.diffusion.weighting = "v" if demo else "none"
   config.diffusion.snr_gamma = 5.0  # γ: cap of 'v', γ of 'min_snr'
   config.diffusion.cond_drop = 0.1  # row → zero vector (classifier-free guidance)
   config.diffusion.landmark_drop = 0.0  # landmark image → empty image, with this probability
