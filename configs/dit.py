@@ -80,11 +80,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.diffusion = config_dict.ConfigDict()
   config.diffusion.schedule = "cosine"  # cosine | linear
   config.diffusion.timesteps = 1000
-  # v | eps | x0. The demo predicts x0: with 16×16 patches each token outputs 768 values from
-  # a 192-wide model, too narrow to carry the per-pixel noise an ε or v target contains, while
-  # clean faces lie on a low-dimensional manifold (Li & He 2025, "Back to Basics: Let
-  # Denoising Generative Models Denoise"). DiT-B/8 (768 wide, 192 values per patch) keeps the
-  # paper's v-prediction.
+  # v | eps | x0 | edm. The demo predicts x0: a 192-wide model trained 1,800 steps does not
+  # learn to output the per-pixel noise an ε or v target contains (at 16×16 patches at 112,
+  # 768 values per token, it never did; at 6×6 at 48, v drew noise at step 900), while clean
+  # faces lie on a low-dimensional manifold (Li & He 2025, "Back to Basics: Let Denoising
+  # Generative Models Denoise"). 'edm' (Karras et al. 2022's preconditioning, σ_data 0.5; v
+  # is its σ_data = 1 case) is offered for runs long enough to learn the noise; it too drew
+  # noise at step 900 of the demo. DiT-B/8 (768 wide, 192 values per patch) keeps the paper's
+  # v-prediction.
   config.diffusion.prediction = "x0" if small else "v"
   # none | min_snr | snr | v ('v' on an x0 prediction = JiT's x-prediction with a v-loss,
   # capped at snr_gamma).
