@@ -44,11 +44,16 @@ TIMESTEPS = (20, 100, 300, 600, 900, 999)
 IDENTITIES = tuple(range(0, 56, 7))
 
 
+def _load(stage1: str, stage2_dir: str) -> tuple[loading.Stage1, loading.Stage2Run]:
+  """The stage-1 run and the stage-2 run's latest checkpoint, on all local devices."""
+  s1 = loading.load_stage1(stage1)
+  mesh = parallel.create_mesh(("data", "fsdp", "model"), (-1, 1, 1))
+  return s1, loading.load_stage2(stage2_dir, s1, mesh)
+
+
 def sheet(stage1: str, stage2_dir: str, guidance: float | None, seed: int) -> np.ndarray:
   """uint8 `[224, 16 · 112, 3]`: generated faces above the real ones (module docstring)."""
-  mesh = parallel.create_mesh(("data", "fsdp", "model"), (-1, 1, 1))
-  s1 = loading.load_stage1(stage1)
-  run = loading.load_stage2(stage2_dir, s1, mesh)
+  s1, run = _load(stage1, stage2_dir)
   data_seed = int(run.config.data.seed)
   real, points = [], []
   for ident in IDENTITIES:
@@ -67,9 +72,7 @@ def sheet(stage1: str, stage2_dir: str, guidance: float | None, seed: int) -> np
 
 def predictions(stage1: str, stage2_dir: str, seed: int) -> np.ndarray:
   """uint8 `[6 · 112, 7 · 112, 3]`: each real face, then x0_hat at each of `TIMESTEPS`."""
-  mesh = parallel.create_mesh(("data", "fsdp", "model"), (-1, 1, 1))
-  s1 = loading.load_stage1(stage1)
-  run = loading.load_stage2(stage2_dir, s1, mesh)
+  s1, run = _load(stage1, stage2_dir)
   model = nnx.merge(run.graphdef, run.params, run.rest)
   idents = IDENTITIES[:6]
   pairs = [faces.render_face(int(run.config.data.seed), i, 3) for i in idents]

@@ -18,9 +18,10 @@ Variants (`--config=configs/dit.py:<variant>`):
            an hour: a small DiT drawing at the demo FR network's 48×48 input (samples are
            resized back to 112) with 6×6 patches (64 tokens) scanned over depth and
            cross-faded 1-pixel output margins, the landmark image plus two blurred copies,
-           x0-prediction with JiT's v-loss weighting, 1,800 steps of 32, then the sheet and the evaluations at guidance
-           4.0 (guided on an interval, rescaled, DDIM η = 1) and a sheet and identity figures
-           at 1.0. README "Stage 2" has what it measured and why each setting is what it is.
+           x0-prediction with JiT's v-loss weighting, 1,800 steps of 32, then the sheet and
+           the evaluations at guidance 4.0 (guided on an interval, rescaled, DDIM η = 1) and
+           a sheet and identity figures at 1.0. README "Stage 2" has what it measured and why
+           each setting is what it is.
   tiny     seconds, for tests.
 """
 

@@ -18,10 +18,10 @@ from vigface_jax.evaluate import quality
 NUM, PER = 5, 3
 
 
-def _fake_generation(root, num=NUM, per=PER):
+def _fake_generation(root, num=NUM, per=PER, width=3):
   folder = root / "imagefolder"
   for i in range(num):
-    d = folder / f"{i:03d}"
+    d = folder / f"{i:0{width}d}"
     d.mkdir(parents=True)
     for j in range(per):
       Image.fromarray(faces.render_face(0, 500 + i, j)[0]).save(d / f"{j:02d}.png")
@@ -110,6 +110,15 @@ def test_the_shuffled_control_keeps_the_images_and_breaks_the_identities(rows):
   g_base, g_shuffled = groups(base), groups(shuffled)
   assert set().union(*g_base) == set().union(*g_shuffled)  # the same 8 images
   assert g_base != g_shuffled  # dealt into other identities
+
+
+def test_identities_are_taken_in_label_order_whatever_the_name_width(tmp_path):
+  # The exporter pads names to the widest label (2 digits for 10..100 identities).
+  gen = _fake_generation(tmp_path / "g", num=NUM, per=PER, width=2)
+  (gen / "imagefolder" / "landmarks.txt").write_text("")  # the export's file beside the folders
+  chosen = quality.choose_identities(str(gen), 4, 2)
+  assert [os.path.basename(os.path.dirname(c[0])) for c in chosen] == ["00", "01", "02", "03"]
+  assert [os.path.basename(p) for p in chosen[0]] == ["00.png", "01.png"]
 
 
 def test_bad_inputs_name_what_is_missing(tmp_path):

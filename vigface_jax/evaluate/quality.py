@@ -68,28 +68,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def choose_identities(gen: str, num_ids: int, per_id: int) -> list[list[str]]:
   """The first `num_ids` exported identities with ≥ `per_id` images: their first `per_id`
-  image paths each (ConfigError naming what is missing)."""
+  image paths each (ConfigError naming what is missing). The export's folder and file names
+  are zero-padded, so their sorted order is label and index order (`generate/export.py`)."""
   folder = os.path.join(gen, "imagefolder")
-  listing = os.path.join(gen, "identities.json")
-  if not os.path.isdir(folder) or not os.path.exists(listing):
+  if not os.path.isdir(folder) or not os.path.exists(os.path.join(gen, "identities.json")):
     raise config_lib.ConfigError(
         f"generated.workdir={gen}: no imagefolder export (imagefolder/ and identities.json); "
         f"a finished `{GENERATE_COMMAND}` with 'imagefolder' among config.formats writes it")
-  with open(listing) as fh:
-    ids = json.load(fh)["identities"]
   chosen = []
-  for ident in ids:
-    d = os.path.join(folder, f"{int(ident['label']):03d}")
-    if not os.path.isdir(d):
-      d = os.path.join(folder, str(ident["label"]))
+  for name in sorted(os.listdir(folder)):
+    d = os.path.join(folder, name)
     files = sorted(os.listdir(d)) if os.path.isdir(d) else []
     if len(files) >= per_id:
-      chosen.append([os.path.join(d, name) for name in files[:per_id]])
+      chosen.append([os.path.join(d, f) for f in files[:per_id]])
     if len(chosen) == num_ids:
       return chosen
   raise config_lib.ConfigError(
-      f"generated.workdir={gen}: only {len(chosen)} exported identities have ≥ {per_id} images, "
-      f"{num_ids} are needed (num_ids, images_per_id); generate more identities")
+      f"generated.workdir={gen}: only {len(chosen)} exported identities have ≥ {per_id} "
+      f"images, {num_ids} are needed (num_ids, images_per_id); generate more identities")
 
 
 def link_dataset(chosen: list[list[str]], root: str, control: str, seed: int) -> None:
@@ -133,7 +129,8 @@ def _json(path: str) -> dict[str, Any]:
 
 def _generated_figures(gen: str) -> dict[str, Any]:
   """What the generation run measured and how it was drawn (summary.json, config.json)."""
-  summary, config = _json(os.path.join(gen, "summary.json")), _json(os.path.join(gen, "config.json"))
+  summary = _json(os.path.join(gen, "summary.json"))
+  config = _json(os.path.join(gen, "config.json"))
   stage2_dir = (config.get("stage2") or {}).get("workdir")
   s2 = _json(os.path.join(stage2_dir, "config.json")) if stage2_dir else {}
   model, diffusion = s2.get("model", {}), s2.get("diffusion", {})
@@ -162,7 +159,8 @@ def write_sheet(path: str, chosen: list[list[str]], config: ml_collections.Confi
   """Generated faces (`sheet_ids` identities × `sheet_images`) above real procedural faces."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rows, cols = int(config.sheet_ids), int(config.sheet_images)
-  gen = [np.asarray(Image.open(p).convert("RGB")) for files in chosen[:rows] for p in files[:cols]]
+  gen = [np.asarray(Image.open(p).convert("RGB"))
+         for files in chosen[:rows] for p in files[:cols]]
   seed, offset = int(config.fr.data.seed), int(config.real_offset)
   real = [faces.render_face(seed, offset + i, j)[0] for i in range(rows) for j in range(cols)]
   report.contact_sheet(path, np.stack(gen), np.stack(real), rows, cols)
@@ -181,7 +179,8 @@ def table(rows: list[dict[str, Any]]) -> str:
   """The markdown table of `quality.json` rows."""
   head = ("| row | stage 2 | realism: classifier acc. (0.5 = indistinguishable) / FD | "
           "consistency top-1 gen / real | nearest-other cos gen / real | intra-pair cos "
-          "gen / real | FR on generated | FR on real | ratio |\n|---|---|---|---|---|---|---|---|---|")
+          "gen / real | FR on generated | FR on real | ratio |\n"
+          "|---|---|---|---|---|---|---|---|---|")
   lines = [head]
   for r in rows:
     s = r["generated"]["stage2"]
@@ -191,8 +190,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines.append(
         f"| {r['name']}{' — ' + r['note'] if r.get('note') else ''} | {stage2} | "
         f"{_fmt(g.get('realism_accuracy'))} / {_fmt(g.get('fd'))} | "
-        f"{_pair(g.get('consistency/top1'))} | {_pair(g.get('separability/nearest_other_cos_mean'))} | "
-        f"{_pair(g.get('diversity/intra_pair_cos_mean'))} | {_fmt(r['accuracy_generated'], '.2%')} | "
+        f"{_pair(g.get('consistency/top1'))} | "
+        f"{_pair(g.get('separability/nearest_other_cos_mean'))} | "
+        f"{_pair(g.get('diversity/intra_pair_cos_mean'))} | "
+        f"{_fmt(r['accuracy_generated'], '.2%')} | "
         f"{_fmt(r['accuracy_real'], '.2%')} | {_fmt(r['ratio'], '.1%')} |")
   return "\n".join(lines) + "\n"
 

@@ -6,8 +6,9 @@ Gaussian-blurred copy of the landmark image (`landmark_blur` σ in pixels); its 
 112 the training faces and the 112×112 landmark images are resized down to it (the
 antialiased linear filter a stage-1 backbone trained at a reduced input size sees its crops
 through) and what it draws is resized back up to 112 (`to_output`), so everything outside the
-DiT (data, landmark images, samples, exports) stays in the 112×112 aligned frame. The frozen FR network (identity loss, identity metrics) and the row table
-are `Frozen` variables: the stage-2 optimizer never sees them (`TRAINABLE`).
+DiT (data, landmark images, samples, exports) stays in the 112×112 aligned frame. The frozen
+FR network (identity loss, identity metrics) and the row table are `Frozen` variables: the
+stage-2 optimizer never sees them (`TRAINABLE`).
 
 Everything here takes plain arguments (σ, dtypes, sizes), except `builder`, which turns a
 stage-2 config's `model` section into the constructor the trainer and the generator share.
