@@ -12,6 +12,14 @@ def _requirements():
   return [l.strip() for l in lines if l.strip() and not l.startswith("#")]
 
 
+def _jax_pin():
+  """The `==` version of jax in requirements.txt: the accelerator extras install that one."""
+  pins = [r.split("==", 1)[1] for r in _requirements() if r.startswith("jax==")]
+  if len(pins) != 1:
+    raise RuntimeError("requirements.txt must pin jax exactly once (jax==X.Y.Z)")
+  return pins[0]
+
+
 setuptools.setup(
     name="vigface_jax",
     version="0.1.0",
@@ -30,6 +38,12 @@ setuptools.setup(
         # own requirements would replace torch; README's install command does that.
         "test": ["pytest==9.0.3", "torch==2.13.0", "scikit-image==0.26.0",
                  "diffusers==0.35.1"],
+        # Accelerators, at the same jax version as the CPU install (README "Running on Cloud
+        # TPU and GPU clusters"): TPU VMs (libtpu), NVIDIA GPUs with CUDA 13 or 12 (the CUDA
+        # libraries come as pip wheels; a driver is all the machine needs).
+        "tpu": [f"jax[tpu]=={_jax_pin()}"],
+        "cuda": [f"jax[cuda13]=={_jax_pin()}"],
+        "cuda12": [f"jax[cuda12]=={_jax_pin()}"],
     },
     license="Apache-2.0",
 )

@@ -145,6 +145,33 @@ def test_multiprocess_detection(env, expected):
   assert parallel._env_says_multiprocess(env) == expected  # pylint: disable=protected-access
 
 
+def test_explicit_process_args_from_the_launchers_variables():
+  env = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:4567", "JAX_NUM_PROCESSES": "3",
+         "JAX_PROCESS_ID": "2"}
+  assert parallel.explicit_process_args(env) == {
+      "coordinator_address": "127.0.0.1:4567", "num_processes": 3, "process_id": 2}
+  assert parallel.explicit_process_args({"JAX_COORDINATOR_ADDRESS": "h:1"}) == {}
+  for bad, match in (({"JAX_NUM_PROCESSES": "2"}, "both"),
+                     ({**env, "JAX_PROCESS_ID": "3"}, r"\[0, JAX_NUM_PROCESSES=3\)"),
+                     ({**env, "JAX_PROCESS_ID": "x"}, "integers"),
+                     ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "COORDINATOR")):
+    with pytest.raises(ValueError, match=match):
+      parallel.explicit_process_args(bad)
+
+
+def test_maybe_initialize_distributed_passes_the_launchers_variables(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(parallel, "_distributed_initialized", False)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:4567")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  monkeypatch.setenv("JAX_PROCESS_ID", "1")
+  assert parallel.maybe_initialize_distributed("auto")
+  assert calls == [{"coordinator_address": "127.0.0.1:4567", "num_processes": 2,
+                    "process_id": 1}]
+
+
 def test_host_to_global_single_process():
   mesh = parallel.create_mesh(("data",), (-1,))
   tree = {"x": np.arange(8, dtype=np.float32).reshape(4, 2)}

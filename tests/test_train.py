@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -150,6 +151,12 @@ def test_ema_and_metrics(tmp_path):
   assert int(result.state.step) == 2
   traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
   assert any(f.endswith(".xplane.pb") for f in traces), traces  # jax.profiler trace written
+  # Each traced step is annotated (XProf's step-time views); the perfetto trace names them.
+  (trace,) = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "profile") for f in files
+              if f.endswith(".trace.json.gz")]
+  with gzip.open(trace) as fh:
+    names = {e.get("name") for e in json.load(fh)["traceEvents"]}
+  assert "train" in names, sorted(n for n in names if n)[:50]
 
 
 def test_failing_end_hook_keeps_the_last_checkpoint_and_a_rerun_evaluates_it(tmp_path):

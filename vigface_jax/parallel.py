@@ -62,6 +62,10 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
 # any backend is created.
 _COUNT_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 _ADDRESS_VARS = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+# Set by `launch/local.sh` and `launch/slurm.sh` beside JAX_COORDINATOR_ADDRESS (which JAX reads
+# itself): the process count and this process's id, passed to `jax.distributed.initialize`,
+# which has no environment variables of its own for them outside SLURM / Open MPI / TPU VMs.
+_NUM_PROCESSES_VAR, _PROCESS_ID_VAR = "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
 _distributed_initialized = False
 
@@ -332,6 +336,34 @@ def _env_says_multiprocess(environ: Mapping[str, str]) -> str | None:
   return None
 
 
+def explicit_process_args(environ: Mapping[str, str]) -> dict[str, Any]:
+  """`jax.distributed.initialize` keywords from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID when the launcher set them ({} otherwise: JAX's cluster detection decides).
+
+  Raises:
+    ValueError: a count or id that is not an integer, an id outside [0, count), or a count
+      without an address.
+  """
+  count, pid = environ.get(_NUM_PROCESSES_VAR), environ.get(_PROCESS_ID_VAR)
+  if count is None and pid is None:
+    return {}
+  if count is None or pid is None:
+    raise ValueError(f"set both {_NUM_PROCESSES_VAR} and {_PROCESS_ID_VAR} (or neither); got "
+                     f"{_NUM_PROCESSES_VAR}={count!r}, {_PROCESS_ID_VAR}={pid!r}")
+  try:
+    n, i = int(count), int(pid)
+  except ValueError:
+    raise ValueError(f"{_NUM_PROCESSES_VAR}={count!r} and {_PROCESS_ID_VAR}={pid!r} must be "
+                     "integers") from None
+  if n < 1 or not 0 <= i < n:
+    raise ValueError(f"{_PROCESS_ID_VAR}={i} must lie in [0, {_NUM_PROCESSES_VAR}={n})")
+  address = environ.get("JAX_COORDINATOR_ADDRESS")
+  if not address:
+    raise ValueError(f"{_NUM_PROCESSES_VAR} is set but JAX_COORDINATOR_ADDRESS (host:port of "
+                     "process 0) is not")
+  return {"coordinator_address": address, "num_processes": n, "process_id": i}
+
+
 def maybe_initialize_distributed(mode: str = "auto") -> bool:
   """Calls `jax.distributed.initialize()` when the job has several processes.
 
@@ -344,6 +376,9 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
       with `OMPI_COMM_WORLD_SIZE` > 1; a TPU pod: `TPU_WORKER_HOSTNAMES` with
       several hosts or `MEGASCALE_COORDINATOR_ADDRESS`); 'always' initialises
       unconditionally (coordinator etc. from the environment); 'never' skips.
+      With JAX_NUM_PROCESSES and JAX_PROCESS_ID also set (`launch/local.sh`,
+      `launch/slurm.sh`), the address, count and id are passed explicitly
+      (`explicit_process_args`).
 
   Returns:
     True if this call initialised the distributed runtime; False if it was
@@ -365,8 +400,10 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
     reason = f"{var} is set" if var else None
   if reason is None:
     return False
-  logging.info("Initialising jax.distributed (%s).", reason)
-  jax.distributed.initialize()
+  kwargs = explicit_process_args(os.environ)
+  logging.info("Initialising jax.distributed (%s%s).", reason,
+               f"; {kwargs}" if kwargs else "")
+  jax.distributed.initialize(**kwargs)
   _distributed_initialized = True
   logging.info(
       "JAX process %d of %d; %d local / %d global devices.",

@@ -141,10 +141,12 @@ def fit(
       if profile and step == int(profile[0]) and not profiling:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         profiling = True
-      batch = next(data)
-      if flops is None:
-        flops = _step_flops(step_fn, state, batch)
-      state, m = step_fn(state, batch)
+      # One step in a profile (TensorBoard / XProf step-time views group work by it).
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = next(data)
+        if flops is None:
+          flops = _step_flops(step_fn, state, batch)
+        state, m = step_fn(state, batch)
       window.append(m)
       if step == start + 1:  # the first step compiles: keep it out of step time and images/s
         jax.block_until_ready(m)
