@@ -45,6 +45,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   config.stage1 = config_dict.ConfigDict()
   config.stage1.workdir = config_dict.placeholder(str)  # a finished configs/fr.py run
+  # The frozen FR network a compile-only dry run (--config.dry_run=True) builds when
+  # stage1.workdir is not set (a real run reads it from the stage-1 export): configs/fr.py's
+  # for this variant. Set model.num_real too (CASIA-WebFace: 10572).
+  config.stage1.dry_run_backbone = config_dict.ConfigDict({
+      "arch": "tiny" if tiny else ("small" if demo else "ir_se50"),
+      "embed_dim": 32 if tiny else (128 if demo else 512),
+      "input_size": 48 if small else 112})
 
   # Every field: config_lib.data_config. For procedural faces data.seed, num_identities and
   # images_per_identity must equal the stage-1 run's (the labels index its rows).

@@ -58,6 +58,12 @@ def add_parallelism(config: config_dict.ConfigDict) -> None:
   # 'auto': call jax.distributed.initialize() when the environment describes a multi-process
   # job (coordinator address, SLURM, Open MPI, TPU pod); 'always' / 'never' force it.
   config.distributed = "auto"
+  # True: lower and compile the training step for the configured mesh and print its memory per
+  # device, FLOPs per step and the sharding of the largest arrays, without training, without
+  # initialising weights or reading data (train/compile_only.py; stage 1 and stage 2 only).
+  # Fake the target's device count on CPU with
+  # XLA_FLAGS=--xla_force_host_platform_device_count=N.
+  config.dry_run = False
 
 
 class Fields:
@@ -270,8 +276,9 @@ def audit_config(**overrides: Any) -> config_dict.ConfigDict:
   }, overrides, "audit")
 
 
-def validate_parallelism(config: Any) -> None:
-  """The fields `add_parallelism` declares."""
+def validate_parallelism(config: Any, *, dry_run_task: bool = False) -> None:
+  """The fields `add_parallelism` declares (`dry_run` may be True only for a task that has a
+  compile-only dry run, `dry_run_task`)."""
   f = Fields(config, "")
   mesh = f.sub("mesh")
   axes = mesh.get("axes")
@@ -282,3 +289,6 @@ def validate_parallelism(config: Any) -> None:
   if not isinstance(rules, (tuple, list)):
     f.fail("sharding_rules", "a sequence of (logical name, mesh axes) pairs", rules)
   f.choice("distributed", ("auto", "always", "never"))
+  if f.bool("dry_run") and not dry_run_task:
+    f.fail("dry_run", "False for this task (compile-only dry runs are for the training tasks, "
+           "configs/fr.py and configs/dit.py)", True)

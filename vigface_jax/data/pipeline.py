@@ -433,7 +433,11 @@ def validate(config: Any) -> None:
   data = config_lib.Fields(config.data, "data")
   source = data.choice("source", sorted(SOURCES))
   path = data.str("path", optional=True)
-  if source != "procedural" and not path:
+  # A compile-only dry run reads no data: with the class count given it needs no path.
+  model = config.get("model")
+  dry = bool(config.get("dry_run", False)) and model is not None and (
+      model.get("num_real") is not None)
+  if source != "procedural" and not path and not dry:
     raise config_lib.ConfigError(
         f"data.path is not set: task {config.task!r} trains on a face dataset you keep "
         f"(data.source={source!r}, e.g. CASIA-WebFace's train.rec from insightface); pass "

@@ -42,7 +42,9 @@ from vigface_jax.evaluate import embed as embed_lib
 from vigface_jax.evaluate import evaluators
 from vigface_jax.evaluate import generation
 from vigface_jax.models import dit as dit_lib
+from vigface_jax.models import iresnet
 from vigface_jax.models import stage2
+from vigface_jax.train import compile_only
 from vigface_jax.train import loop
 from vigface_jax.train import optim
 from vigface_jax.train import state as state_lib
@@ -88,10 +90,15 @@ def dit_loss(model: stage2.Stage2, batch: dict[str, jax.Array], rng: jax.Array, 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field of a stage-2 config once, before anything is built (ConfigError)."""
-  config_lib.validate_parallelism(config)
+  config_lib.validate_parallelism(config, dry_run_task=True)
   pipeline.validate(config)
   f = config_lib.Fields(config, "")
-  f.sub("stage1").str("workdir", optional=True)
+  s1 = f.sub("stage1")
+  s1.str("workdir", optional=True)
+  backbone = s1.sub("dry_run_backbone")
+  backbone.choice("arch", sorted(iresnet.VARIANTS))
+  backbone.int("embed_dim", 1)
+  backbone.int("input_size", 1)
   m = f.sub("model")
   m.choice("variant", sorted(dit_lib.VARIANTS))
   size = m.int("image_size", 1, most=stage2.OUTPUT_SIZE)
@@ -153,6 +160,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   evaluators_lib.validate(config.evals, EVALUATORS)
 
 
+def _stage1_info(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
+  """(path of prototypes.npz, the export's backbone description) of stage1.workdir."""
+  root = config.stage1.workdir
+  try:
+    _, info = embed_lib.read_info(root)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"stage1.workdir={root}: {e}; a finished `{STAGE1_COMMAND}` "
+                                 "writes it") from None
+  return os.path.join(root, "prototypes.npz"), info
+
+
 def _stage1(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], np.ndarray]:
   """(backbone info, real rows [n, d]) from the stage-1 workdir; ConfigError if absent."""
   root = config.stage1.workdir
@@ -161,18 +179,39 @@ def _stage1(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], np.ndarr
         "stage1.workdir is not set: stage 2 needs the stage-1 workdir (its export/ and "
         f"prototypes.npz); produce one with `{STAGE1_COMMAND}` and pass "
         "--config.stage1.workdir=<stage-1 dir>")
-  npz = os.path.join(root, "prototypes.npz")
-  try:
-    _, info = embed_lib.read_info(root)
-  except ValueError as e:
-    raise config_lib.ConfigError(f"stage1.workdir={root}: {e}; a finished `{STAGE1_COMMAND}` "
-                                 "writes it") from None
+  npz, info = _stage1_info(config)
   if not os.path.exists(npz):
     raise config_lib.ConfigError(f"{npz} is missing: stage 1 writes it when it finishes "
                                  f"(`{STAGE1_COMMAND}`)")
   with np.load(npz) as f:
     rows = np.asarray(f["real"], np.float32)
   return info, rows
+
+
+def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`--config.dry_run=True`: the stage-2 step compiled for the configured mesh; nothing
+  trained, initialised or read beyond the stage-1 run's description and row count (when
+  `stage1.workdir` is set; else `stage1.dry_run_backbone` and `model.num_real`)."""
+  if config.stage1.workdir:
+    info, rows = _stage1(config)
+    n = rows.shape[0]
+  else:
+    info = dict(config.stage1.dry_run_backbone)
+    n = config.model.num_real
+    if n is None:
+      raise config_lib.ConfigError(
+          "dry run without stage1.workdir: set model.num_real (the stage-1 run's real "
+          "identities; CASIA-WebFace: 10572)")
+  schedule = schedules.make_schedule(config.diffusion.schedule, int(config.diffusion.timesteps))
+  loss_fn = functools.partial(dit_loss, cfg=config, schedule=schedule)
+  mesh = parallel.mesh_from_config(config)
+  figures = compile_only.compile_train_step(config, mesh=mesh,
+                                            create_model=create_model(config, info, int(n)),
+                                            loss_fn=loss_fn, trainable=stage2.TRAINABLE)
+  figures.update(num_real=int(n), variant=config.model.variant,
+                 image_size=int(config.model.image_size), patch_size=int(config.model.patch_size),
+                 frozen_fr={k: info[k] for k in ("arch", "embed_dim", "input_size")})
+  return compile_only.report("dit", figures, workdir)
 
 
 def create_model(config: ml_collections.ConfigDict, fr_info: dict[str, Any], num_real: int):
@@ -184,6 +223,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains stage 2 and runs its evaluators (identity consistency of samples from real rows,
   landmark following, sample sheets)."""
   validate(config)
+  if config.dry_run:
+    return dry_run(config, workdir)
   info, real_rows = _stage1(config)
   rules = config.sharding_rules
   mesh = parallel.mesh_from_config(config)

@@ -40,6 +40,7 @@ from vigface_jax.evaluate import verification
 from vigface_jax.models import face_recognizer
 from vigface_jax.models import iresnet
 from vigface_jax.models import margin as margin_lib
+from vigface_jax.train import compile_only
 from vigface_jax.train import loop
 from vigface_jax.train import optim
 from vigface_jax.train import state as state_lib
@@ -105,7 +106,7 @@ EVALUATORS = ("verification",)
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field of a stage-1 config once, before anything is built (ConfigError)."""
-  config_lib.validate_parallelism(config)
+  config_lib.validate_parallelism(config, dry_run_task=True)
   pipeline.validate(config)
   f = config_lib.Fields(config, "")
   model = f.sub("model")
@@ -163,11 +164,38 @@ def create_model(config: ml_collections.ConfigDict, num_real: int, num_virtual: 
 REQUIRED_FIELDS = ("data.source", "train.num_steps", "model.arch")
 
 
+def dry_run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
+  """`--config.dry_run=True`: the stage-1 step compiled for `mesh`, nothing trained or read.
+
+  The class count is `model.num_real` when set, else the source's own (for RecordIO only its
+  `property` file is opened; procedural faces know theirs).
+  """
+  rules = config.sharding_rules
+  n = config.model.num_real
+  if n is None:
+    try:
+      n = pipeline.num_classes(config, pipeline.build_source(config.data))
+    except (OSError, ValueError) as e:
+      raise config_lib.ConfigError(
+          f"dry run: cannot read the number of identities of data.path="
+          f"{config.data.path!r} ({e}); set model.num_real (CASIA-WebFace: 10572)") from None
+  k = int(config.virtual.num_virtual)
+  logits_sharding = parallel.logical_sharding(mesh, ("batch", "classes"), rules)
+  loss_fn = functools.partial(fr_loss, cfg=config, logits_sharding=logits_sharding)
+  figures = compile_only.compile_train_step(config, mesh=mesh,
+                                            create_model=create_model(config, int(n), k),
+                                            loss_fn=loss_fn)
+  figures.update(num_real=int(n), num_virtual=k, arch=config.model.arch)
+  return compile_only.report("fr", figures, workdir)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains stage 1, exports the backbone and writes the prototype report."""
   validate(config)
   rules = config.sharding_rules
   mesh = parallel.mesh_from_config(config)
+  if config.dry_run:
+    return dry_run(config, workdir, mesh)
   packs = _verification_packs(config, workdir)
   data = pipeline.make_pipeline(config, mesh, rules)
   n = pipeline.num_classes(config, data.source)

@@ -1,0 +1,110 @@
+"""Compile-only dry runs (`--config.dry_run=True`) on 8 fake CPU devices, in one subprocess.
+
+Each dry run goes through `vigface_jax.main.run` as the command line would. They must: read
+no data (stage 1 points at a RecordIO file that does not exist), initialise nothing and write
+no checkpoint; report XLA's per-device memory and FLOPs and the sharding of the largest
+arrays; show the class-sharded head's state shrinking 8× per device when `classes` goes over
+the 8-device model axis; compile stage 2 without a stage-1 run; and stop with an error that
+names the field or the array when the batch or the class-centre matrix does not split over
+the devices, or when a task has no dry run.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+_CHILD = textwrap.dedent("""
+    import json, os, sys
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    import jax
+    cache = os.environ.get("VIGFACE_TEST_JAX_CACHE")
+    if cache:
+      jax.config.update("jax_compilation_cache_dir", cache)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    assert jax.device_count() == 8, jax.devices()
+    from configs import dit, fr, preview
+    from vigface_jax import config_lib, main
+    out = sys.argv[1]
+    results = {}
+
+    def stage1(mesh_shape):
+      c = fr.get_config("tiny")
+      c.dry_run = True
+      c.data.source, c.data.path = "recordio", "/nonexistent/train.rec"  # never opened
+      c.model.num_real = 4000
+      c.virtual.num_virtual = 4000
+      c.mesh.shape = mesh_shape
+      return c
+
+    for name, shape in (("fr_data", (8, 1, 1)), ("fr_classes", (1, 1, 8))):
+      results[name] = main.run(stage1(shape), os.path.join(out, name))
+    c = dit.get_config("tiny")
+    c.dry_run, c.model.num_real, c.data.global_batch_size = True, 16, 8
+    results["dit"] = main.run(c, os.path.join(out, "dit"))
+    errors = {}
+    bad = stage1((8, 1, 1))
+    bad.data.global_batch_size = 12
+    c = dit.get_config("tiny")
+    c.dry_run, c.data.global_batch_size = True, 8
+    g = preview.get_config()
+    g.dry_run = True
+    uneven = stage1((1, 1, 8))
+    uneven.model.num_real = 4001  # 8001 centres do not split over 8 devices
+    for name, config in (("batch", bad), ("num_real", c), ("preview", g), ("uneven", uneven)):
+      try:
+        main.run(config, os.path.join(out, "err_" + name))
+        errors[name] = None
+      except config_lib.ConfigError as e:
+        errors[name] = str(e)
+    results["errors"] = errors
+    with open(os.path.join(out, "results.json"), "w") as fh:
+      json.dump(results, fh, default=str)
+    """)
+
+
+def test_dry_runs_on_eight_fake_devices(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=f"{_REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path)], env=env, cwd=_REPO,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+
+  for name in ("fr_data", "fr_classes", "dit"):
+    figures = results[name]["dry_run"]
+    saved = json.loads((tmp_path / name / "dry_run.json").read_text())
+    assert saved["dry_run"]["memory_per_device"] == figures["memory_per_device"]
+    mem = figures["memory_per_device"]
+    assert mem["argument"] > 0 and mem["total"] >= mem["argument"], mem
+    assert figures["flops_per_step"] > 0 and figures["devices"] == 8
+    assert figures["largest_arrays"], figures
+    assert not (tmp_path / name / "checkpoints").exists(), "a dry run wrote a checkpoint"
+    assert "memory per device (XLA)" in proc.stdout and "largest arrays" in proc.stdout
+
+  # The centre matrix [d, 4000 + 4000]: replicated on the data mesh, split 8 ways over 'model'.
+  head = lambda name: next(a for a in results[name]["dry_run"]["largest_arrays"]
+                           if a["name"] == "params/head/weight")
+  d = head("fr_data")["shape"][0]
+  assert head("fr_data")["shape"] == head("fr_data")["shard_shape"] == [d, 8000]
+  assert head("fr_classes")["shard_shape"] == [d, 1000]
+  assert head("fr_classes")["bytes_per_device"] * 8 == head("fr_data")["bytes_per_device"]
+  data_state = results["fr_data"]["dry_run"]["state_bytes_per_device"]
+  class_state = results["fr_classes"]["dry_run"]["state_bytes_per_device"]
+  head_bytes = head("fr_data")["bytes_per_device"]  # params; SGD momentum doubles it
+  assert data_state - class_state >= 2 * (head_bytes - head_bytes // 8) * 0.99
+  assert (results["fr_classes"]["dry_run"]["memory_per_device"]["argument"]
+          < results["fr_data"]["dry_run"]["memory_per_device"]["argument"])
+  assert results["dit"]["dry_run"]["frozen_fr"]["arch"] == "tiny"
+
+  errors = results["errors"]
+  assert errors["batch"] and "global_batch_size=12" in errors["batch"], errors
+  assert errors["num_real"] and "model.num_real" in errors["num_real"], errors
+  assert errors["preview"] and "dry_run" in errors["preview"], errors
+  assert errors["uneven"] and "params/head/weight" in errors["uneven"], errors
+  assert "(8, 8001)" in errors["uneven"] or "8001" in errors["uneven"], errors
