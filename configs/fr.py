@@ -32,6 +32,7 @@ Defaults the paper leaves open are ours (DESIGN §1): s, m, SGD, schedule, flip.
 from ml_collections import config_dict
 
 from vigface_jax import config_lib
+from vigface_jax import parallel
 
 CASIA_IMAGES = 490_623  # images in insightface's faces_webface_112x112/train.rec
 # The auditor's procedural people: disjoint from stage 1's (0..) and the pairs' (1,000,000..).
@@ -51,9 +52,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   small = demo or tiny
   config = config_dict.ConfigDict()
   config.task = "fr"
-  config_lib.add_parallelism(config)
-  # The class axis of the centre matrix shards over 'model' (parallel.DEFAULT_RULES): set
-  # mesh.shape = (-1, 1, M) to split a large k over M devices.
+  # parallel.FR_RULES: the batch is split over every device (the backbone is data-parallel
+  # whatever the mesh) and the class-centre matrix over 'model': mesh.shape = (-1, 1, M)
+  # splits the n + k centres (which M must divide) over M devices; (1, N, 1) is FSDP.
+  config_lib.add_parallelism(config, rules=parallel.FR_RULES)
 
   # Every field: config_lib.data_config. Procedural faces are small enough to render once.
   config.data = config_lib.data_config(

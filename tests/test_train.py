@@ -320,14 +320,22 @@ def train(shape):
   config.train.num_steps = 2
   config.train.checkpoint_every = 0
   mesh = parallel.mesh_from_config(config)
-  data = pipeline.make_pipeline(config, mesh)
+  rules = config.sharding_rules  # parallel.FR_RULES: the batch over every device
+  data = pipeline.make_pipeline(config, mesh, rules)
   create = fr.create_model(config, 16, 16)
   loss_fn = functools.partial(fr.fr_loss, cfg=config, logits_sharding=parallel.logical_sharding(
-      mesh, ("batch", "classes")))
+      mesh, ("head_batch", "classes"), rules))
   import tempfile
   with data:
     return loop.fit(config, tempfile.mkdtemp(), mesh=mesh, create_model=create,
                     loss_fn=loss_fn, data=data, images_per_step=8)
+
+# The backbone stays data-parallel over all 8 devices on the (2, 1, 4) mesh: one image each.
+mesh = parallel.mesh_from_config(fr_config.get_config("tiny"))
+assert fr_config.get_config("tiny").sharding_rules == parallel.FR_RULES
+spec = parallel.batch_sharding(parallel.create_mesh(("data", "fsdp", "model"), (2, 1, 4)),
+                               parallel.FR_RULES)
+assert spec.shard_shape((8, 3)) == (1, 3), spec
 
 dp = train((8, 1, 1))
 mp = train((2, 1, 4))

@@ -48,13 +48,14 @@ def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
   return out
 
 
-def add_parallelism(config: config_dict.ConfigDict) -> None:
-  """Adds mesh axes/shape, logical-axis rules and the multi-host initialisation mode."""
+def add_parallelism(config: config_dict.ConfigDict,
+                    rules: parallel.LogicalRules = parallel.DEFAULT_RULES) -> None:
+  """Adds mesh axes/shape, logical-axis `rules` and the multi-host initialisation mode."""
   config.mesh = config_dict.ConfigDict()
   config.mesh.axes = ("data", "fsdp", "model")  # named mesh axes
   config.mesh.shape = (-1, 1, 1)  # devices per axis; -1 = all the remaining devices
   # Logical axis name → mesh axes (first unused match wins; unknown names are replicated).
-  config.sharding_rules = parallel.DEFAULT_RULES
+  config.sharding_rules = rules
   # 'auto': call jax.distributed.initialize() when the environment describes a multi-process
   # job (coordinator address, SLURM, Open MPI, TPU pod); 'always' / 'never' force it.
   config.distributed = "auto"

@@ -43,6 +43,9 @@ LogicalRules = Sequence[tuple[str, MeshAxes]]
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     # Examples are split over every data-parallel axis (DP and FSDP alike).
     ("batch", ("data", "fsdp")),
+    # The examples entering a head whose classes are split over 'model' (the [b, C] logits):
+    # all-gathered within each model group, as in Partial FC's model parallelism.
+    ("head_batch", ("data", "fsdp")),
     # Convolution kernels are small next to activations at 112x112: keep them
     # replicated so convolutions need no weight all-gathers.
     ("channels_in", None),
@@ -56,6 +59,14 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     # the largest tensor of stage 1; its rows go over 'model'.
     ("classes", "model"),
 )
+
+# Stage 1's rules: its backbone has no weight split over 'model' (convolution kernels are
+# replicated), so its examples are split over every device, 'model' included; only the
+# class-centre matrix and the logits use 'model' ('head_batch' keeps data × fsdp). With the
+# default rules a model axis of m would run the backbone m times on the same images.
+FR_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("batch", ("data", "fsdp", "model")),
+) + tuple(rule for rule in DEFAULT_RULES if rule[0] != "batch")
 
 # Environment variables that say "this process is one of several". Checked
 # without touching JAX, because `jax.distributed.initialize` must run before
@@ -420,6 +431,15 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+  """The whole of a global array on this host (gathered across processes when its shards
+  live on several; every process must call it then)."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def is_main_process() -> bool:

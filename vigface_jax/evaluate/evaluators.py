@@ -65,9 +65,10 @@ class Verification(common.Evaluator):
     del step, writer
     params = state_lib.eval_params(state)
 
-    def embed_fn(x: np.ndarray) -> jax.Array:
+    def embed_fn(x: np.ndarray) -> np.ndarray:
       x = jax.make_array_from_callback(x.shape, self.sharding, lambda idx: x[idx])
-      return self.embed(params, state.rest, x)
+      # The batch may span processes (stage 1 splits it over every device): gather.
+      return parallel.fetch(self.embed(params, state.rest, x))
 
     out = {}
     for pack, (images, issame) in self.loaded.items():

@@ -180,7 +180,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, 
           f"dry run: cannot read the number of identities of data.path="
           f"{config.data.path!r} ({e}); set model.num_real (CASIA-WebFace: 10572)") from None
   k = int(config.virtual.num_virtual)
-  logits_sharding = parallel.logical_sharding(mesh, ("batch", "classes"), rules)
+  logits_sharding = parallel.logical_sharding(mesh, ("head_batch", "classes"), rules)
   loss_fn = functools.partial(fr_loss, cfg=config, logits_sharding=logits_sharding)
   figures = compile_only.compile_train_step(config, mesh=mesh,
                                             create_model=create_model(config, int(n), k),
@@ -202,7 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   k = int(config.virtual.num_virtual)
   logging.info("stage 1: %d real + %d virtual identities, %s on mesh %s", n, k,
                config.model.arch, dict(mesh.shape))
-  logits_sharding = parallel.logical_sharding(mesh, ("batch", "classes"), rules)
+  logits_sharding = parallel.logical_sharding(mesh, ("head_batch", "classes"), rules)
   loss_fn = functools.partial(fr_loss, cfg=config, logits_sharding=logits_sharding)
   summary: dict[str, Any] = {"task": "fr", "num_real": n, "num_virtual": k,
                              "arch": config.model.arch}
