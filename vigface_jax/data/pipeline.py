@@ -197,6 +197,62 @@ class RandomFlip(grain.transforms.RandomMap):
     return element
 
 
+class GlobalBatchSampler:
+  """One global stream of records on every process; process p takes slice p of each batch.
+
+  grain's `DataLoader` asks process p of P for sampler indices `i·P + p` and, with w worker
+  processes, gives local index `t = i` to worker `t mod w`, which batches its records
+  `b = B / P` at a time (the process's batch n comes from worker `n mod w`). This sampler maps
+  each such index to position `n·B + p·b + r` (r: the place in the batch) of one seeded global
+  sequence (grain's `IndexSampler`, unsharded), whose record and augmentation draw
+  (`Philox(seed + position)`) it returns. So global batch n holds the same records in the
+  same order with the same flips for any number of processes and workers: a run over P
+  processes computes what one process does over the same devices, and its data position is
+  its step count, whatever the layout it resumes on (`position_state`).
+
+  With `num_epochs` set, the global batches of a whole number of worker rounds are kept
+  (the rest, fewer than w batches, dropped), so every process ends at the same batch.
+  """
+
+  def __init__(self, num_records: int, *, global_batch_size: int,
+               shard_options: grain.sharding.ShardOptions, worker_count: int = 0,
+               shuffle: bool = True, seed: int = 0, num_epochs: int | None = None):
+    self._base = grain.samplers.IndexSampler(num_records=num_records, shuffle=shuffle,
+                                             num_epochs=num_epochs, seed=int(seed))
+    self._shard_options = shard_options
+    self._num_records, self._shuffle, self._seed = num_records, shuffle, int(seed)
+    self._num_epochs = num_epochs
+    self._global = int(global_batch_size)
+    self._local = self._global // shard_options.shard_count
+    self._workers = max(1, int(worker_count))
+    self._worker_count = int(worker_count)
+    self._local_len = None
+    if num_epochs is not None:
+      batches = num_records * num_epochs // self._global
+      self._local_len = (batches - batches % self._workers) * self._local
+
+  def global_position(self, index: int) -> int:
+    """The global-stream position the loader's sampler index `index` stands for."""
+    count = self._shard_options.shard_count
+    t, p = divmod(int(index), count)
+    k, j = t % self._workers, t // self._workers
+    m, r = divmod(j, self._local)
+    return (m * self._workers + k) * self._global + p * self._local + r
+
+  def __getitem__(self, index: int):
+    if index < 0 or (self._local_len is not None
+                     and index // self._shard_options.shard_count >= self._local_len):
+      raise IndexError(f"GlobalBatchSampler: index {index} is past the last batch")
+    return self._base[self.global_position(index)]
+
+  def __repr__(self) -> str:
+    so = self._shard_options
+    return (f"GlobalBatchSampler(num_records={self._num_records}, "
+            f"global_batch_size={self._global}, shard_index={so.shard_index}, "
+            f"shard_count={so.shard_count}, worker_count={self._worker_count}, "
+            f"shuffle={self._shuffle}, num_epochs={self._num_epochs}, seed={self._seed})")
+
+
 def make_loader(
     source: grain.sources.RandomAccessDataSource,
     *,
@@ -257,13 +313,9 @@ def make_loader(
         "JAX process)."
     )
   local_batch_size = global_batch_size // shard_options.shard_count
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source),
-      shard_options=shard_options,
-      shuffle=shuffle,
-      num_epochs=num_epochs,
-      seed=int(seed),
-  )
+  sampler = GlobalBatchSampler(len(source), global_batch_size=global_batch_size,
+                               shard_options=shard_options, worker_count=worker_count,
+                               shuffle=shuffle, seed=int(seed), num_epochs=num_epochs)
   operations = [
       Decode(),
       RandomFlip(flip_prob),
@@ -286,6 +338,36 @@ def make_loader(
           num_threads=int(read_threads),
           prefetch_buffer_size=int(read_buffer_size or max(64, local_batch_size)))),
   )
+
+
+def position_state(loader: grain.DataLoader, template: bytes, num_batches: int) -> bytes:
+  """grain's iterator state (JSON bytes) of `loader` after `num_batches` global batches.
+
+  `template` is a state of the same loader (its reprs and version); the positions are what
+  grain's `DataLoader` records (per worker: the records it has taken from its share) for a
+  `GlobalBatchSampler` stream: batch n is worker `n mod w`'s, b records from each process.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  state = json.loads(template.decode())
+  sampler = loader._sampler  # pylint: disable=protected-access
+  so = sampler._shard_options  # pylint: disable=protected-access
+  count, index = so.shard_count, so.shard_index
+  workers = int(state["worker_count"])
+  b = sampler._local  # pylint: disable=protected-access
+  if num_batches < 0:
+    raise ValueError(f"num_batches={num_batches} must be >= 0")
+  if workers == 0:
+    state["last_seen_indices"] = {"0": (num_batches * b - 1) * count + index}
+    state["last_worker_index"] = -1
+  else:
+    total = workers * count
+    seen = {}
+    for k in range(workers):
+      taken = (num_batches - k + workers - 1) // workers if num_batches > k else 0
+      seen[str(k)] = index - total + k * count + taken * b * total
+    state["last_seen_indices"] = seen
+    state["last_worker_index"] = num_batches % workers - 1
+  return json.dumps(state, indent=4).encode()
 
 
 class GlobalBatchIterator(Iterator[dict[str, jax.Array]]):
@@ -330,6 +412,13 @@ class GlobalBatchIterator(Iterator[dict[str, jax.Array]]):
   def set_state(self, state: bytes) -> None:
     """Restores a state from `get_state()` (same loader settings required)."""
     self._iterator.set_state(state)
+
+  def set_position(self, num_batches: int) -> None:
+    """Moves a fresh iterator to just after global batch `num_batches` (e.g. a checkpoint's
+    step written under another process or worker count: `GlobalBatchSampler` makes the
+    position a function of the batch count alone)."""
+    self._iterator.set_state(position_state(self._loader, self._iterator.get_state(),
+                                            int(num_batches)))
 
   def start_prefetch(self) -> None:
     """Called by `grain.checkpoint.CheckpointHandler` after a restore (prefetch is lazy here)."""

@@ -5,6 +5,9 @@ One checkpoint step directory holds two items:
            step), saved asynchronously, restored directly into its sharded layout;
   `data`   grain's iterator state, one JSON file per process (`grain.checkpoint`), so a
            resumed run sees exactly the batches the uninterrupted run would have seen.
+           Restored under another process count (no file for this layout), the position
+           is the step itself: the global batches do not depend on the layout
+           (`pipeline.GlobalBatchSampler`), so the iterator moves to batch `step`.
 
 `Checkpointer.restore_latest` is what makes every trainer resume automatically from its
 workdir. Only steps that finished saving are listed (Orbax writes into a temporary directory
@@ -17,7 +20,9 @@ import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from vigface_jax.train import state as state_lib
@@ -61,7 +66,8 @@ class Checkpointer:
     `data_iterator`, if given, is moved to the saved position in place.
     """
     items = {"state": ocp.args.StandardRestore(abstract)}
-    if data_iterator is not None:
+    relayout = data_iterator is not None and self._written_by_another_layout(step)
+    if data_iterator is not None and not relayout:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -69,8 +75,20 @@ class Checkpointer:
       raise ValueError(
           f"checkpoint {step} in {self.directory} does not match this run's model/optimizer "
           f"({e}); use a new --workdir or the config the checkpoint was written with") from e
+    if relayout:
+      data_iterator.set_position(step)  # one global batch per step
+      logging.info("checkpoint %d was written by another number of processes: the data "
+                   "position is set from its step", step)
     logging.info("restored checkpoint %d from %s", step, self.directory)
     return restored["state"]
+
+  def _written_by_another_layout(self, step: int) -> bool:
+    """True when step's data item holds other processes' files but none for this layout."""
+    data = epath.Path(self.directory) / str(step) / "data"
+    if not data.exists():
+      return False
+    mine = data / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return not mine.exists() and any(p.name.startswith("process_") for p in data.iterdir())
 
   def restore_latest(self, abstract: state_lib.TrainState, data_iterator: Any = None
                      ) -> state_lib.TrainState | None:
