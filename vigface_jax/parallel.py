@@ -433,6 +433,22 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def put(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A host array every process holds whole, as a global array with `sharding` (each process
+  fills its own shards; `jax.device_put` refuses shardings over other processes' devices)."""
+  if jax.dtypes.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key):
+    # A typed PRNG key: place its raw uint32 data (one more trailing axis) and re-wrap it.
+    impl = jax.random.key_impl(value)
+    data = np.asarray(jax.random.key_data(value))
+    spec = tuple(getattr(sharding, "spec", ())) + (None,)
+    raw = jax.make_array_from_callback(
+        data.shape, NamedSharding(sharding.mesh, PartitionSpec(*spec)),
+        lambda index: data[index])
+    return jax.random.wrap_key_data(raw, impl=impl)
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def fetch(x: jax.Array) -> np.ndarray:
   """The whole of a global array on this host (gathered across processes when its shards
   live on several; every process must call it then)."""

@@ -133,6 +133,19 @@ class Generator:
     self.sample = make_sampler(graphdef, schedule, settings, typical=typical, mesh=mesh,
                                state_shardings=state_shardings, rules=rules,
                                per_example_keys=per_example_keys)
+    # Over several processes the sampler's inputs must be global arrays (each process holds
+    # the whole host batch and fills its own shards) and its output is gathered back.
+    self._global = None
+    if mesh is not None and jax.process_count() > 1:
+      self._global = (parallel.batch_sharding(mesh, rules), NamedSharding(mesh, PartitionSpec()))
+
+  def _inputs(self, rows, lmk, key, guidance):
+    if self._global is None:
+      return rows, lmk, key, guidance
+    batch, replicated = self._global
+    return (parallel.put(rows, batch), parallel.put(lmk, batch),
+            parallel.put(key, batch if self.per_example_keys else replicated),
+            parallel.put(guidance, replicated))
 
   def __call__(self, params: Any, rest: Any, rows: np.ndarray, landmark_images: np.ndarray,
                seed: int, guidance: float) -> np.ndarray:
@@ -144,6 +157,8 @@ class Generator:
     guidance = jnp.asarray(guidance, jnp.float32)
 
     def one(r, l, key):
+      if self._global is not None:
+        return parallel.fetch(self.sample(params, rest, *self._inputs(r, l, key, guidance)))
       return self.sample(params, rest, jnp.asarray(r), jnp.asarray(l), key, guidance)
 
     return ops.map_batches(one, [np.asarray(rows), np.asarray(landmark_images)],
@@ -168,14 +183,14 @@ class Generator:
     inflight = None
 
     def collect(start, count, result):
-      out[start:start + count] = np.asarray(result)[:count]
+      out[start:start + count] = parallel.fetch(result)[:count]
       if progress is not None:
         progress(count)
 
     for start in range(0, n, b):
       parts = [ops.pad_batch(a[start:start + b], b, fill)[0] for a, fill in
                ((rows, "zeros"), (landmark_images, "first"), (keys, "first"))]
-      result = self.sample(params, rest, *parts, guidance)
+      result = self.sample(params, rest, *self._inputs(*parts, guidance))
       if inflight is not None:
         collect(*inflight)
       inflight = (start, min(b, n - start), result)

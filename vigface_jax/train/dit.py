@@ -244,10 +244,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     del setup
     for path, var in state.rest["fr"].flat_state():
       if path in fr_values:
-        var[...] = jax.device_put(jnp.asarray(fr_values[path], var[...].dtype),
-                                  var[...].sharding)
+        # parallel.put: the sharding may span other processes' devices.
+        value = fr_values[path]
+        if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+          value = np.asarray(value, var[...].dtype)
+        var[...] = parallel.put(value, var[...].sharding)
     rows = state.rest["rows"]
-    rows[...] = jax.device_put(jnp.asarray(real_rows), rows[...].sharding)
+    rows[...] = parallel.put(np.asarray(real_rows, np.float32), rows[...].sharding)
     return state
 
   def make_evaluators(setup: state_lib.Setup) -> list[evaluators_lib.Evaluator]:
