@@ -16,8 +16,10 @@ function through a masked-out branch still poisons gradients
 `has_landmarks` to mask.
 
 The pipeline per process is
-`IndexSampler (seeded, sharded by JAX process) -> Decode -> RandomFlip ->
-Batch(global_batch / processes)`, optionally prefetched by worker processes;
+`GlobalBatchSampler (one seeded global stream; this process's slice of each
+global batch) -> Decode -> RandomFlip -> Batch(global_batch / processes)`,
+optionally prefetched by worker processes (the batches do not depend on the
+process or worker count);
 `GlobalBatchIterator` turns each per-process batch into global arrays sharded
 over the mesh's batch axes and exposes the grain iterator state, which the
 trainer checkpoints so a resumed run sees exactly the same batches.
