@@ -5,6 +5,11 @@
 
 DRY_RUN=${DRY_RUN:-0}
 
+# The script's header comment (from line 2 to `set -euo`), for --help.
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+}
+
 die() {
   echo "$(basename "$0"): $*" >&2
   exit 2

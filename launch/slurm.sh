@@ -43,7 +43,7 @@ while [[ $# -gt 0 ]]; do
     --venv=*) VENV=${1#*=} ;;
     --per-gpu) PER_GPU=1 ;;
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
     *) die "unknown option $1 (options take the form --name=value, then -- and the job; see --help)" ;;
   esac

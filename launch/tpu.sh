@@ -66,7 +66,7 @@ while [[ $# -gt 0 ]]; do
     --spot) SPOT=1 ;;
     --queued) QUEUED=1 ;;
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     --*) die "unknown option $1 (options take the form --name=value; see --help)" ;;
     *) break ;;
   esac

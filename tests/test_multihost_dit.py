@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 
 from test_multihost import _child_env, _run_processes  # pylint: disable=g-bad-import-order
-from test_multihost_resume import _REPO, _SINGLE  # pylint: disable=g-bad-import-order
+from test_multihost_resume import _REPO, DISTRIBUTED, SINGLE  # pylint: disable=g-bad-import-order
 
 _TASK = """
     from configs import dit
@@ -28,21 +28,7 @@ _TASK = """
     print("OK")
 """
 
-_CHILD = textwrap.dedent("""
-    import os, sys
-    from absl import flags, logging
-    flags.FLAGS.mark_as_parsed()
-    logging.set_verbosity(logging.INFO)
-    import jax
-    cache = os.environ.get("VIGFACE_TEST_JAX_CACHE")
-    if cache:
-      jax.config.update("jax_compilation_cache_dir", cache)
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    address, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    jax.distributed.initialize(coordinator_address=address, num_processes=2,
-                               process_id=process_id, coordinator_bind_address=address,
-                               initialization_timeout=60)
-    """) + textwrap.dedent(_TASK)
+_CHILD = DISTRIBUTED + textwrap.dedent(_TASK)
 
 
 def _run_single(script, args, devices):
@@ -63,7 +49,7 @@ def _figures(workdir):
 
 def test_dit_two_processes_equal_one(tmp_path):
   stage1 = tmp_path / "fr"
-  fr_script = _SINGLE + textwrap.dedent("""
+  fr_script = SINGLE + textwrap.dedent("""
       from configs import fr
       from vigface_jax import main
       main.run(fr.get_config("tiny"), workdir)
@@ -74,7 +60,7 @@ def test_dit_two_processes_equal_one(tmp_path):
   logs.mkdir()
   two, one = tmp_path / "two", tmp_path / "one"
   _run_processes(two, logs, child=_CHILD, args=(str(stage1),))
-  _run_single(_SINGLE + textwrap.dedent(_TASK), ["-", "0", str(one), str(stage1)], devices=2)
+  _run_single(SINGLE + textwrap.dedent(_TASK), ["-", "0", str(one), str(stage1)], devices=2)
   (loss2, eval2), (loss1, eval1) = _figures(two), _figures(one)
   assert sorted(loss2) == sorted(loss1) and len(loss1) >= 2
   np.testing.assert_allclose([loss2[s] for s in sorted(loss2)],

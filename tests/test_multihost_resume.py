@@ -37,7 +37,8 @@ _TASK = """
     print("OK")
 """
 
-_CHILD = textwrap.dedent("""
+# Every child: absl marked parsed, INFO logs, the persistent compilation cache.
+_PREAMBLE = textwrap.dedent("""
     import os, sys
     from absl import flags, logging
     flags.FLAGS.mark_as_parsed()
@@ -47,30 +48,23 @@ _CHILD = textwrap.dedent("""
     if cache:
       jax.config.update("jax_compilation_cache_dir", cache)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    """)
+# One of two processes (argv: address, process id, workdir, ...), as test_multihost starts them.
+DISTRIBUTED = _PREAMBLE + textwrap.dedent("""
     address, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     jax.distributed.initialize(coordinator_address=address, num_processes=2,
                                process_id=process_id, coordinator_bind_address=address,
                                initialization_timeout=60)
-    """) + textwrap.dedent(_TASK).format(model=2)
-
-_SINGLE = textwrap.dedent("""
-    import os, sys
-    from absl import flags, logging
-    flags.FLAGS.mark_as_parsed()
-    logging.set_verbosity(logging.INFO)
-    import jax
-    cache = os.environ.get("VIGFACE_TEST_JAX_CACHE")
-    if cache:
-      jax.config.update("jax_compilation_cache_dir", cache)
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    workdir = sys.argv[3]
     """)
+# One process (argv: -, 0, workdir, ...); its device count comes from XLA_FLAGS.
+SINGLE = _PREAMBLE + "workdir = sys.argv[3]\n"
+_CHILD = DISTRIBUTED + textwrap.dedent(_TASK).format(model=2)
 
 
 def _single(workdir, num_steps, devices):
   env = _child_env()
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  script = _SINGLE + textwrap.dedent(_TASK).format(model=devices)
+  script = SINGLE + textwrap.dedent(_TASK).format(model=devices)
   proc = subprocess.run([sys.executable, "-c", script, "-", "0", str(workdir), str(num_steps)],
                         env=env, cwd=_REPO, capture_output=True, text=True, timeout=300,
                         check=False)
