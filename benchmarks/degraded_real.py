@@ -23,11 +23,16 @@ from absl import flags
 import numpy as np
 from PIL import Image, ImageFilter
 
-_BLUR = flags.DEFINE_float("blur", 1.5, "Gaussian σ in pixels at 48×48 (0: clean, the control).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (images and the FR run).")
-_IDS = flags.DEFINE_integer("num_ids", 200, "Identities (the quality task's 200).")
-_PER_ID = flags.DEFINE_integer("images_per_id", 20, "Images per identity (20).")
 _SIZE = 48  # configs/dit.py:demo model.image_size
+
+
+def _define_flags() -> None:
+  """Only when run as a script: importing `write_folder` (tests) must not add absl flags
+  (`vigface_jax.main` defines `--workdir` too)."""
+  flags.DEFINE_float("blur", 1.5, "Gaussian σ in pixels at 48×48 (0: clean, the control).")
+  flags.DEFINE_string("workdir", None, "Output folder (images and the FR run).")
+  flags.DEFINE_integer("num_ids", 200, "Identities (the quality task's 200).")
+  flags.DEFINE_integer("images_per_id", 20, "Images per identity (20).")
 
 
 def write_folder(root: str, blur: float, num_ids: int, per_id: int) -> None:
@@ -48,23 +53,24 @@ def write_folder(root: str, blur: float, num_ids: int, per_id: int) -> None:
 
 def main(argv: list[str]) -> None:
   del argv
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+  f = flags.FLAGS
+  workdir, blur = f.workdir, float(f.blur)
   from configs import fr as fr_config  # pylint: disable=g-import-not-at-top
   from vigface_jax import tasks  # pylint: disable=g-import-not-at-top
-  data = os.path.join(_WORKDIR.value, "data")
-  write_folder(data, _BLUR.value, _IDS.value, _PER_ID.value)
+  data = os.path.join(workdir, "data")
+  write_folder(data, blur, int(f.num_ids), int(f.images_per_id))
   config = fr_config.get_config("usefulness")
   config.data.source, config.data.path, config.data.cache = "imagefolder", data, False
-  summary = tasks.run(config, os.path.join(_WORKDIR.value, "fr"))
-  result = {"blur_sigma_at_48": _BLUR.value,
+  summary = tasks.run(config, os.path.join(workdir, "fr"))
+  result = {"blur_sigma_at_48": blur,
             "accuracy": summary.get("verify/procedural/accuracy"),
             "accuracy_std": summary.get("verify/procedural/accuracy_std")}
-  with open(os.path.join(_WORKDIR.value, "degraded_real.json"), "w") as fh:
+  with open(os.path.join(workdir, "degraded_real.json"), "w") as fh:
     json.dump(result, fh, indent=2)
   print(json.dumps(result))
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flag_as_required("workdir")
   app.run(main)
