@@ -4,7 +4,8 @@ Tiny stage-1 and stage-2 runs (one process each) feed `configs/generate.py:tiny`
 processes × 1 CPU device (coordinator on 127.0.0.1) and as one process: the shards (their
 images' SHA-256, labels and counts), the exports and the manifest must be identical, the
 manifest complete with nothing missing (the two processes' shards are disjoint and together
-complete), and the summary must say two processes drew it.
+complete), the audit that ends the task must give the same figures, and the summary must say
+two processes drew it.
 """
 
 import json
@@ -59,4 +60,8 @@ def test_generation_two_processes_equal_one(tmp_path):
   ranges = sorted(tuple(s["labels"]) for s in s2.values())
   drawn = [i for lo, hi in ranges for i in range(lo, hi)]
   assert drawn == list(range(ranges[-1][1])) and ranges[0][0] == 0, ranges
-  assert json.loads((two / "summary.json").read_text())["processes"] == 2
+  summary2 = json.loads((two / "summary.json").read_text())
+  summary1 = json.loads((one / "summary.json").read_text())
+  assert summary2["processes"] == 2 and summary1["processes"] == 1
+  # The audit that ends the task (its rates, thresholds and verdict) is the same too.
+  assert summary2["audit"] == summary1["audit"], (summary2["audit"], summary1["audit"])
