@@ -1,9 +1,10 @@
 """Shared by the training-step benchmarks: the trainer's own jitted step, loaded and timed.
 
-`build` makes exactly what `vigface_jax.train.loop.fit` makes for a config: the optimizer
-(`optim.make_optimizer(config.optim, train.num_steps)`), the sharded train state
-(`state.create_state`, EMA when `train.ema_decay > 0`) and the jitted, state-donating step
-(`state.make_train_step` with the task's real loss function and batch sharding). It then writes
+`build` makes exactly what `vigface_jax.train.loop.fit` makes for a config, through the same
+`loop.make_trainer`: the optimizer (`optim.make_optimizer(config.optim, train.num_steps)`), the
+sharded train state (`state.create_state`, EMA when `train.ema_decay > 0`) and the jitted,
+state-donating step (`state.make_train_step` with the task's real loss function and batch
+sharding). It then writes
 the benchmark's shared weights (the ones the PyTorch side gets) into the fresh state, as a
 task's `fit(initialize=...)` does, so both frameworks start from the same numbers.
 
@@ -26,8 +27,7 @@ from jax.sharding import Mesh
 import numpy as np
 
 from benchmarks import cpu_threads
-from vigface_jax import parallel
-from vigface_jax.train import optim
+from vigface_jax.train import loop
 from vigface_jax.train import state as state_lib
 
 
@@ -62,11 +62,8 @@ def build(config: Any, mesh: Mesh, create_model: Callable[..., nnx.Module],
       the EMA re-initialised from the new parameters, and everything put back in the state's
       shardings.
   """
-  rules = config.sharding_rules
-  tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
-  ema_decay = float(config.train.ema_decay)
-  state, setup = state_lib.create_state(create_model, tx, mesh, seed=int(config.train.seed),
-                                        rules=rules, ema=ema_decay > 0, trainable=trainable)
+  trainer = loop.make_trainer(config, mesh, create_model, loss_fn, trainable=trainable)
+  tx, state, setup = trainer.tx, trainer.state, trainer.setup
   if fill is not None:
     model = nnx.merge(setup.graphdef, state.params, state.rest, copy=True)
     fill(model)
@@ -74,12 +71,8 @@ def build(config: Any, mesh: Mesh, create_model: Callable[..., nnx.Module],
     state = state.replace(params=params, rest=rest, opt_state=tx.init(params),
                           ema=jax.tree.map(jnp.copy, params) if state.ema is not None else None)
     state = jax.device_put(state, setup.shardings)
-  batch_sharding = parallel.batch_sharding(mesh, rules)
-  step = state_lib.make_train_step(setup.graphdef, loss_fn, tx, setup.shardings, batch_sharding,
-                                   ema_decay=ema_decay, ema_warmup=bool(config.train.ema_warmup),
-                                   trainable=trainable)
-  return TrainerStep(state=state, setup=setup, step=step, mesh=mesh,
-                     batch_sharding=batch_sharding)
+  return TrainerStep(state=state, setup=setup, step=trainer.step, mesh=mesh,
+                     batch_sharding=trainer.batch_sharding)
 
 
 def model_of(trainer: TrainerStep) -> nnx.Module:

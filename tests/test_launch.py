@@ -182,23 +182,6 @@ def test_tpu_copy_archives_head(stand_in, tmp_path):
   assert not list(tmp_path.glob("vigface_jax-*.tar.gz")), "the local archive was left behind"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["create"], "--name"),
-    (["--name=x", "create"], "--zone"),
-    (["--name=x", "--zone", "us", "create"], "unknown option --zone"),
-    (["--name=x", "--zone=z", "--type=v9-8", "create"], "--version"),
-    (["--name=x", "--zone=z", "launch"], "unknown command launch"),
-    (["--name=x", "--zone=z", "run"], "run needs"),
-    (["--name=x", "--zone=z", "--job=a/b", "logs"], "--job"),
-    (["--name=x", "--zone=z", "profile", "gs://b"], "profile needs"),
-])
-def test_tpu_bad_arguments_name_the_problem(args, message, stand_in):
-  env, records = stand_in
-  proc = _run("tpu.sh", args, env, check=False)
-  assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-  assert records() == []
-
-
 def test_slurm_batch_script_sets_each_process_up(stand_in, tmp_path):
   """The submitted script, run with stand-in scontrol/srun, gives every task the
   coordinator, the process count and its own id, and the job its arguments."""
@@ -236,15 +219,23 @@ def test_slurm_per_gpu_tasks(stand_in):
   assert "JAX_LOCAL_DEVICE_IDS=$SLURM_LOCALID" in dry.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--nodes=0", "--", "--config=x"], "--nodes"),
-    (["--gpus-per-node=two", "--", "--config=x"], "--gpus"),
-    (["--nodes=2"], "after --"),
-    (["--partition", "a100", "--", "--config=x"], "unknown option --partition"),
+@pytest.mark.parametrize("script, args, message", [
+    ("tpu.sh", ["create"], "--name"),
+    ("tpu.sh", ["--name=x", "create"], "--zone"),
+    ("tpu.sh", ["--name=x", "--zone", "us", "create"], "unknown option --zone"),
+    ("tpu.sh", ["--name=x", "--zone=z", "--type=v9-8", "create"], "--version"),
+    ("tpu.sh", ["--name=x", "--zone=z", "launch"], "unknown command launch"),
+    ("tpu.sh", ["--name=x", "--zone=z", "run"], "run needs"),
+    ("tpu.sh", ["--name=x", "--zone=z", "--job=a/b", "logs"], "--job"),
+    ("tpu.sh", ["--name=x", "--zone=z", "profile", "gs://b"], "profile needs"),
+    ("slurm.sh", ["--nodes=0", "--", "--config=x"], "--nodes"),
+    ("slurm.sh", ["--gpus-per-node=two", "--", "--config=x"], "--gpus"),
+    ("slurm.sh", ["--nodes=2"], "after --"),
+    ("slurm.sh", ["--partition", "a100", "--", "--config=x"], "unknown option --partition"),
 ])
-def test_slurm_bad_arguments(args, message, stand_in):
+def test_bad_arguments_name_the_problem_and_run_nothing(script, args, message, stand_in):
   env, records = stand_in
-  proc = _run("slurm.sh", args, env, check=False)
+  proc = _run(script, args, env, check=False)
   assert proc.returncode == 2 and message in proc.stderr, proc.stderr
   assert records() == []
 

@@ -8,14 +8,12 @@ and the rows having been placed on devices the other process owns.
 """
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 
-from test_multihost import _child_env, _run_processes  # pylint: disable=g-bad-import-order
-from test_multihost_resume import _REPO, DISTRIBUTED, SINGLE  # pylint: disable=g-bad-import-order
+from test_multihost import _run_processes  # pylint: disable=g-bad-import-order
+from test_multihost_resume import DISTRIBUTED, SINGLE, run_single  # pylint: disable=g-bad-import-order
 
 _TASK = """
     from configs import dit
@@ -29,14 +27,6 @@ _TASK = """
 """
 
 _CHILD = DISTRIBUTED + textwrap.dedent(_TASK)
-
-
-def _run_single(script, args, devices):
-  env = _child_env()
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  proc = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=_REPO,
-                        capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0 and proc.stdout.rstrip().endswith("OK"), proc.stderr[-4000:]
 
 
 def _figures(workdir):
@@ -55,12 +45,12 @@ def test_dit_two_processes_equal_one(tmp_path):
       main.run(fr.get_config("tiny"), workdir)
       print("OK")
       """)
-  _run_single(fr_script, ["-", "0", str(stage1)], devices=1)
+  run_single(fr_script, ["-", "0", str(stage1)], devices=1)
   logs = tmp_path / "logs"
   logs.mkdir()
   two, one = tmp_path / "two", tmp_path / "one"
   _run_processes(two, logs, child=_CHILD, args=(str(stage1),))
-  _run_single(SINGLE + textwrap.dedent(_TASK), ["-", "0", str(one), str(stage1)], devices=2)
+  run_single(SINGLE + textwrap.dedent(_TASK), ["-", "0", str(one), str(stage1)], devices=2)
   (loss2, eval2), (loss1, eval1) = _figures(two), _figures(one)
   assert sorted(loss2) == sorted(loss1) and len(loss1) >= 2
   np.testing.assert_allclose([loss2[s] for s in sorted(loss2)],

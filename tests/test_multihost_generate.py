@@ -12,8 +12,7 @@ import json
 import textwrap
 
 from test_multihost import _run_processes  # pylint: disable=g-bad-import-order
-from test_multihost_dit import _run_single  # pylint: disable=g-bad-import-order
-from test_multihost_resume import DISTRIBUTED, SINGLE  # pylint: disable=g-bad-import-order
+from test_multihost_resume import DISTRIBUTED, SINGLE, run_single  # pylint: disable=g-bad-import-order
 
 _TASK = """
     from configs import generate
@@ -42,13 +41,13 @@ def _shards(workdir):
 
 
 def test_generation_two_processes_equal_one(tmp_path):
-  _run_single(SINGLE + textwrap.dedent(_STAGES), ["-", "0", str(tmp_path)], devices=1)
+  run_single(SINGLE + textwrap.dedent(_STAGES), ["-", "0", str(tmp_path)], devices=1)
   stages = [str(tmp_path / "fr"), str(tmp_path / "dit")]
   logs = tmp_path / "logs"
   logs.mkdir()
   two, one = tmp_path / "two", tmp_path / "one"
   _run_processes(two, logs, child=DISTRIBUTED + textwrap.dedent(_TASK), args=tuple(stages))
-  _run_single(SINGLE + textwrap.dedent(_TASK), ["-", "0", str(one), *stages], devices=1)
+  run_single(SINGLE + textwrap.dedent(_TASK), ["-", "0", str(one), *stages], devices=1)
   (m2, s2), (m1, s1) = _shards(two), _shards(one)
   assert m2["complete"] and not m2["missing"], m2
   assert m2["totals"] == m1["totals"] and m2["exports"] == m1["exports"]

@@ -61,15 +61,20 @@ SINGLE = _PREAMBLE + "workdir = sys.argv[3]\n"
 _CHILD = DISTRIBUTED + textwrap.dedent(_TASK).format(model=2)
 
 
-def _single(workdir, num_steps, devices):
+def run_single(script, args, devices):
+  """`script` in one process with `devices` fake CPU devices (argv `-c`, *args); its stderr.
+  Fails unless it exits 0 and prints OK last."""
   env = _child_env()
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  script = SINGLE + textwrap.dedent(_TASK).format(model=devices)
-  proc = subprocess.run([sys.executable, "-c", script, "-", "0", str(workdir), str(num_steps)],
-                        env=env, cwd=_REPO, capture_output=True, text=True, timeout=300,
-                        check=False)
+  proc = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=_REPO,
+                        capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0 and proc.stdout.rstrip().endswith("OK"), proc.stderr[-4000:]
   return proc.stderr
+
+
+def _single(workdir, num_steps, devices):
+  script = SINGLE + textwrap.dedent(_TASK).format(model=devices)
+  return run_single(script, ["-", "0", str(workdir), str(num_steps)], devices)
 
 
 def _losses(workdir):

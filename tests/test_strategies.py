@@ -13,6 +13,7 @@ import json
 import numpy as np
 
 from conftest import run_on_fake_devices
+from test_train_dit import STUB_STAGE1  # pylint: disable=g-bad-import-order
 
 _SCRIPT = r"""
 import json, os, sys, tempfile
@@ -32,14 +33,7 @@ cache = os.environ.get("VIGFACE_TEST_JAX_CACHE")
 if cache:
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-root = tempfile.mkdtemp()
-stage1 = os.path.join(root, "stage1")
-embed.save_backbone(os.path.join(stage1, "export"),
-                    iresnet.IResNet("tiny", embed_dim=32, input_size=32, rngs=nnx.Rngs(0)),
-                    arch="tiny", embed_dim=32, input_size=32)
-rows = np.random.default_rng(0).normal(size=(16, 32)).astype(np.float32)
-np.savez(os.path.join(stage1, "prototypes.npz"),
-         real=rows / np.linalg.norm(rows, axis=1, keepdims=True))
+""" + STUB_STAGE1 + r"""
 shapes = [(1, 1, 1)] if jax.device_count() == 1 else [(8, 1, 1), (1, 8, 1), (4, 1, 2)]
 out = {}
 for shape in shapes:

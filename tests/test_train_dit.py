@@ -288,6 +288,19 @@ def test_bad_image_size_or_patch_names_the_field(tmp_path, size, patch, field):
     dit.run(config, str(tmp_path))
 
 
+# A stand-in stage-1 run for subprocess scripts (tests/test_strategies.py too): a tiny IResNet
+# export (32-d, 32 px) and 16 unit rows, written to `stage1` under a fresh `root`.
+STUB_STAGE1 = r"""
+root = tempfile.mkdtemp()
+stage1 = os.path.join(root, "stage1")
+embed.save_backbone(os.path.join(stage1, "export"),
+                    iresnet.IResNet("tiny", embed_dim=32, input_size=32, rngs=nnx.Rngs(0)),
+                    arch="tiny", embed_dim=32, input_size=32)
+rows = np.random.default_rng(0).normal(size=(16, 32)).astype(np.float32)
+np.savez(os.path.join(stage1, "prototypes.npz"),
+         real=rows / np.linalg.norm(rows, axis=1, keepdims=True))
+"""
+
 _DEFAULT_ON_EIGHT = r"""
 import os, sys, tempfile
 from absl import flags
@@ -302,14 +315,7 @@ from vigface_jax.evaluate import embed
 from vigface_jax.models import iresnet
 
 assert jax.device_count() == 8
-root = tempfile.mkdtemp()
-stage1 = os.path.join(root, "stage1")
-embed.save_backbone(os.path.join(stage1, "export"),
-                    iresnet.IResNet("tiny", embed_dim=32, input_size=32, rngs=nnx.Rngs(0)),
-                    arch="tiny", embed_dim=32, input_size=32)
-rows = np.random.default_rng(0).normal(size=(16, 32)).astype(np.float32)
-np.savez(os.path.join(stage1, "prototypes.npz"),
-         real=rows / np.linalg.norm(rows, axis=1, keepdims=True))
+""" + STUB_STAGE1 + r"""
 config = dit_config.get_config()  # the paper's DiT-B/8 at 112, v-prediction, guidance 4.0
 assert (config.model.variant, config.model.patch_size, config.model.image_size,
         config.diffusion.prediction, config.sample.guidance) == ("B", 8, 112, "v", 4.0)

@@ -157,9 +157,7 @@ class Generator:
     guidance = jnp.asarray(guidance, jnp.float32)
 
     def one(r, l, key):
-      if self._global is not None:
-        return parallel.fetch(self.sample(params, rest, *self._inputs(r, l, key, guidance)))
-      return self.sample(params, rest, jnp.asarray(r), jnp.asarray(l), key, guidance)
+      return parallel.fetch(self.sample(params, rest, *self._inputs(r, l, key, guidance)))
 
     return ops.map_batches(one, [np.asarray(rows), np.asarray(landmark_images)],
                            self.batch_size, fills=["zeros", "first"],

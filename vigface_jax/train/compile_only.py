@@ -31,42 +31,37 @@ from vigface_jax import config_lib
 from vigface_jax import metrics as metrics_lib
 from vigface_jax import parallel
 from vigface_jax.data import pipeline
-from vigface_jax.train import optim
+from vigface_jax.train import loop
 from vigface_jax.train import state as state_lib
 
 _LARGEST = 8  # arrays listed in the report
 
 
-def _path(keys: tuple[Any, ...]) -> str:
-  name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                  for k in keys)
-  return name[:-len("/value")] if name.endswith("/value") else name
-
-
-def largest_arrays(abstract: Any, count: int = _LARGEST) -> list[dict[str, Any]]:
-  """The `count` largest leaves of a sharded abstract tree: global and per-device shapes."""
+def _arrays(abstract: Any) -> list[dict[str, Any]]:
+  """Every sharded leaf of an abstract tree: name, global and per-device shape and bytes."""
   rows = []
   for keys, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
     if not hasattr(leaf, "shape") or getattr(leaf, "sharding", None) is None:
       continue
     shard = leaf.sharding.shard_shape(leaf.shape)
     itemsize = leaf.dtype.itemsize
-    rows.append({"name": _path(keys), "shape": list(leaf.shape), "dtype": str(leaf.dtype),
+    rows.append({"name": state_lib.leaf_name(keys), "shape": list(leaf.shape),
+                 "dtype": str(leaf.dtype),
                  "spec": str(getattr(leaf.sharding, "spec", leaf.sharding)),
                  "shard_shape": list(shard),
                  "bytes": int(math.prod(leaf.shape)) * itemsize,
                  "bytes_per_device": int(math.prod(shard)) * itemsize})
-  rows.sort(key=lambda r: -r["bytes"])
-  return rows[:count]
+  return rows
+
+
+def largest_arrays(abstract: Any, count: int = _LARGEST) -> list[dict[str, Any]]:
+  """The `count` largest leaves of a sharded abstract tree: global and per-device shapes."""
+  return sorted(_arrays(abstract), key=lambda r: -r["bytes"])[:count]
 
 
 def state_bytes_per_device(abstract: Any) -> int:
   """Bytes of one device's shard of every array in the tree (the largest shard per leaf)."""
-  total = 0
-  for leaf in jax.tree.leaves(abstract):
-    if hasattr(leaf, "shape") and getattr(leaf, "sharding", None) is not None:
-      total += int(math.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
-  return total
+  return sum(r["bytes_per_device"] for r in _arrays(abstract))
 
 
 def memory_per_device(compiled: Any) -> dict[str, int]:
@@ -82,49 +77,31 @@ def memory_per_device(compiled: Any) -> dict[str, int]:
   return out
 
 
-def flops_per_step(compiled: Any) -> float:
-  """FLOPs of one step from XLA's cost analysis of the compiled program (0.0 if absent)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  # some backends have none
-    return 0.0
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
-
-
 def compile_train_step(config: Any, *, mesh: Mesh, create_model: Callable[..., nnx.Module],
                        loss_fn: state_lib.LossFn, trainable: Any = nnx.Param,
                        batch: dict[str, jax.ShapeDtypeStruct] | None = None
                        ) -> dict[str, Any]:
   """Lowers and compiles `loop.fit`'s step for `config` on `mesh`; returns the figures.
 
-  The optimizer, state layout and step are exactly the trainer's (`optim.make_optimizer`,
-  `state.create_state` with `materialize=False`, `state.make_train_step`); the batch is
-  `pipeline.batch_spec` of `data.global_batch_size` unless `batch` is given.
+  The optimizer, state layout and step are exactly the trainer's (`loop.make_trainer` with
+  `materialize=False`); the batch is `pipeline.batch_spec` of `data.global_batch_size` unless
+  `batch` is given.
   """
   rules = config.sharding_rules
-  train = config.train
   try:  # the check the input pipeline makes: the batch must split over the batch axes
     parallel.process_batch_size(int(config.data.global_batch_size), mesh, rules)
   except ValueError as e:
     raise config_lib.ConfigError(f"dry run: {e}") from None
-  tx, _ = optim.make_optimizer(config.optim, int(train.num_steps))
-  ema_decay = float(train.ema_decay)
   t0 = time.perf_counter()
   try:
-    _, setup = state_lib.create_state(create_model, tx, mesh, seed=int(train.seed),
-                                      rules=rules, ema=ema_decay > 0, trainable=trainable,
-                                      materialize=False)
+    trainer = loop.make_trainer(config, mesh, create_model, loss_fn, trainable=trainable,
+                                materialize=False)
   except ValueError as e:
     raise config_lib.ConfigError(f"dry run: {e}") from None
-  step_fn = state_lib.make_train_step(setup.graphdef, loss_fn, tx, setup.shardings,
-                                      parallel.batch_sharding(mesh, rules),
-                                      ema_decay=ema_decay, ema_warmup=bool(train.ema_warmup),
-                                      trainable=trainable)
+  setup = trainer.setup
   if batch is None:
     batch = pipeline.batch_spec(int(config.data.global_batch_size), mesh, rules)
-  lowered = step_fn.lower(setup.abstract, batch)
+  lowered = trainer.step.lower(setup.abstract, batch)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -137,7 +114,7 @@ def compile_train_step(config: Any, *, mesh: Mesh, create_model: Callable[..., n
       "trainable_parameters": params,
       "state_bytes_per_device": state_bytes_per_device(setup.abstract),
       "memory_per_device": memory_per_device(compiled),
-      "flops_per_step": flops_per_step(compiled),
+      "flops_per_step": loop.flops_of(compiled),
       "lower_s": t1 - t0,
       "compile_s": t2 - t1,
       "largest_arrays": largest_arrays(setup.abstract),

@@ -164,13 +164,19 @@ def create_model(config: ml_collections.ConfigDict, num_real: int, num_virtual: 
 REQUIRED_FIELDS = ("data.source", "train.num_steps", "model.arch")
 
 
+def _loss_fn(config: ml_collections.ConfigDict, mesh) -> state_lib.LossFn:
+  """`fr_loss` with the [b, C] logits split as `head_batch` × `classes`."""
+  logits_sharding = parallel.logical_sharding(mesh, ("head_batch", "classes"),
+                                              config.sharding_rules)
+  return functools.partial(fr_loss, cfg=config, logits_sharding=logits_sharding)
+
+
 def dry_run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
   """`--config.dry_run=True`: the stage-1 step compiled for `mesh`, nothing trained or read.
 
   The class count is `model.num_real` when set, else the source's own (for RecordIO only its
   `property` file is opened; procedural faces know theirs).
   """
-  rules = config.sharding_rules
   n = config.model.num_real
   if n is None:
     try:
@@ -180,11 +186,9 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, 
           f"dry run: cannot read the number of identities of data.path="
           f"{config.data.path!r} ({e}); set model.num_real (CASIA-WebFace: 10572)") from None
   k = int(config.virtual.num_virtual)
-  logits_sharding = parallel.logical_sharding(mesh, ("head_batch", "classes"), rules)
-  loss_fn = functools.partial(fr_loss, cfg=config, logits_sharding=logits_sharding)
   figures = compile_only.compile_train_step(config, mesh=mesh,
                                             create_model=create_model(config, int(n), k),
-                                            loss_fn=loss_fn)
+                                            loss_fn=_loss_fn(config, mesh))
   figures.update(num_real=int(n), num_virtual=k, arch=config.model.arch)
   return compile_only.report("fr", figures, workdir)
 
@@ -202,8 +206,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   k = int(config.virtual.num_virtual)
   logging.info("stage 1: %d real + %d virtual identities, %s on mesh %s", n, k,
                config.model.arch, dict(mesh.shape))
-  logits_sharding = parallel.logical_sharding(mesh, ("head_batch", "classes"), rules)
-  loss_fn = functools.partial(fr_loss, cfg=config, logits_sharding=logits_sharding)
+  loss_fn = _loss_fn(config, mesh)
   summary: dict[str, Any] = {"task": "fr", "num_real": n, "num_virtual": k,
                              "arch": config.model.arch}
 

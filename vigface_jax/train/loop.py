@@ -63,6 +63,41 @@ def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
+@dataclasses.dataclass
+class Trainer:
+  """What `make_trainer` builds: the optimizer and its schedule, the state, the step."""
+
+  tx: Any
+  schedule: Any
+  state: state_lib.TrainState | None  # None when built with materialize=False
+  setup: state_lib.Setup
+  step: Callable[..., Any]  # jitted (state, batch) -> (state, metrics); state donated
+  batch_sharding: Any
+
+
+def make_trainer(config: Any, mesh: Mesh, create_model: Callable[[nnx.Rngs], nnx.Module],
+                 loss_fn: state_lib.LossFn, *, trainable: Any = nnx.Param,
+                 materialize: bool = True) -> Trainer:
+  """The optimizer, sharded train state and jitted step `fit` trains with, from `config`'s
+  `optim`, `train` and `sharding_rules` (also what dry runs compile and benchmarks time).
+
+  `materialize=False`: shapes and shardings only (`state.create_state`), no state.
+  """
+  train = config.train
+  rules = config.sharding_rules
+  tx, schedule = optim.make_optimizer(config.optim, int(train.num_steps))
+  ema_decay = float(train.ema_decay)
+  state, setup = state_lib.create_state(create_model, tx, mesh, seed=int(train.seed),
+                                        rules=rules, ema=ema_decay > 0, trainable=trainable,
+                                        materialize=materialize)
+  batch_sharding = parallel.batch_sharding(mesh, rules)
+  step = state_lib.make_train_step(setup.graphdef, loss_fn, tx, setup.shardings,
+                                   batch_sharding, ema_decay=ema_decay,
+                                   ema_warmup=bool(train.ema_warmup), trainable=trainable)
+  return Trainer(tx=tx, schedule=schedule, state=state, setup=setup, step=step,
+                 batch_sharding=batch_sharding)
+
+
 def fit(
     config: Any,
     workdir: str,
@@ -102,12 +137,9 @@ def fit(
     The final state and setup, the first step run in this process and the last metrics.
   """
   train = config.train
-  rules = config.sharding_rules
   num_steps = int(train.num_steps)
-  tx, schedule = optim.make_optimizer(config.optim, num_steps)
-  ema_decay = float(train.ema_decay)
-  state, setup = state_lib.create_state(create_model, tx, mesh, seed=int(train.seed),
-                                        rules=rules, ema=ema_decay > 0, trainable=trainable)
+  trainer = make_trainer(config, mesh, create_model, loss_fn, trainable=trainable)
+  state, setup, step_fn, schedule = trainer.state, trainer.setup, trainer.step, trainer.schedule
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=int(train.keep_checkpoints),
                                      async_save=bool(train.async_checkpoint))
   checkpoint_data = data if hasattr(data, "get_state") else None
@@ -117,10 +149,6 @@ def fit(
   elif initialize is not None:
     state = initialize(state, setup)
   start = int(jax.device_get(state.step))
-  step_fn = state_lib.make_train_step(setup.graphdef, loss_fn, tx, setup.shardings,
-                                      parallel.batch_sharding(mesh, rules), ema_decay=ema_decay,
-                                      ema_warmup=bool(train.ema_warmup),
-                                      trainable=trainable)
   evaluators = list(evaluators) + list(make_evaluators(setup) if make_evaluators else [])
   own_writer = writer is None
   writer = writer or metrics_lib.MetricWriter(workdir)
@@ -213,16 +241,26 @@ def peak_flops_per_second(per_device_tflops: float = 0.0) -> float:
   return tflops * 1e12 * jax.device_count()
 
 
-def _step_flops(step_fn, state, batch) -> float:
-  """FLOPs of one step from XLA's cost analysis of the lowered step (0.0 if unavailable)."""
+def flops_of(stage: Any) -> float:
+  """FLOPs from XLA's cost analysis of a lowered or compiled step (0.0 if unavailable)."""
   try:
-    cost = step_fn.lower(state, batch).cost_analysis()
+    cost = stage.cost_analysis()
   except Exception as e:  # pylint: disable=broad-except  # diagnostics only
     logging.info("no cost analysis for the step: %s", e)
     return 0.0
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return float((cost or {}).get("flops", 0.0))
+
+
+def _step_flops(step_fn, state, batch) -> float:
+  """FLOPs of one step from XLA's cost analysis of the lowered step (0.0 if unavailable)."""
+  try:
+    lowered = step_fn.lower(state, batch)
+  except Exception as e:  # pylint: disable=broad-except  # diagnostics only
+    logging.info("no cost analysis for the step: %s", e)
+    return 0.0
+  return flops_of(lowered)
 
 
 def _check_finite(step: int, m: dict[str, jax.Array], ckpt: checkpoint_lib.Checkpointer) -> None:

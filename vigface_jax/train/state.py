@@ -76,6 +76,13 @@ def state_shardings(abstract: TrainState, mesh: Mesh,
                       _state_specs(abstract), is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def leaf_name(path: tuple[Any, ...]) -> str:
+  """A state leaf's path as `params/head/weight` (NNX's trailing `/value` dropped)."""
+  name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+  return name.removesuffix("/value")
+
+
 def check_divisible(abstract: Any, shardings: Any, mesh: Mesh) -> None:
   """ValueError naming the first array whose shape its sharding cannot split evenly.
 
@@ -92,10 +99,8 @@ def check_divisible(abstract: Any, shardings: Any, mesh: Mesh) -> None:
       names = axes if isinstance(axes, tuple) else (axes,)
       ways = math.prod(int(mesh.shape[a]) for a in names)
       if leaf.shape[dim] % ways:
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                        for k in path).removesuffix("/value")
         raise ValueError(
-            f"{name}: dimension {dim} of shape {tuple(leaf.shape)} ({leaf.shape[dim]}) cannot "
+            f"{leaf_name(path)}: dimension {dim} of shape {tuple(leaf.shape)} ({leaf.shape[dim]}) cannot "
             f"be split {ways} ways over mesh axes {names} (mesh {dict(mesh.shape)}, spec "
             f"{spec}); change mesh.shape or sharding_rules, or a size so that it divides "
             f"(for the class-centre matrix: model.num_real + virtual.num_virtual)")
