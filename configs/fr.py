@@ -77,6 +77,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.model.dropout = 0.0  # before the embedding layer (arcface_torch's default 0)
   config.model.dtype = "auto"  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
   config.model.num_real = config_dict.placeholder(int)  # None: the source's num_classes
+  # The centre matrix gets padding columns (masked out of the softmax, dropped from the reports)
+  # up to a multiple of this, so any class count splits over the model axis. None: the number
+  # of devices the class axis is split over. Set it (e.g. 128) to resume a checkpoint on a mesh
+  # with another model axis: the padded shape must stay the same.
+  config.model.class_multiple = config_dict.placeholder(int)
 
   config.margin = config_dict.ConfigDict()
   config.margin.name = "arcface"  # arcface | cosface | combined | adaface
@@ -85,6 +90,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.margin.m1 = 1.0  # combined only: cos(m1·θ + m) − m3
   config.margin.m3 = 0.0
   config.margin.h = 0.333  # AdaFace only: the norm-adaptive margin's concentration
+  # Partial FC (arcface_torch's sample_rate): each step's softmax runs over every class of the
+  # step plus uniformly sampled negatives, this fraction of each class-axis shard (at least the
+  # step's rows per shard), sampled per shard without gathering the centres. 1.0 = full softmax;
+  # 0.1-0.3 is arcface_torch's choice above ~1M identities (WebFace42M).
+  config.margin.sample_rate = 1.0
 
   config.virtual = config_dict.ConfigDict()
   config.virtual.num_virtual = 0 if auditor or useful else (

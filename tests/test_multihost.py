@@ -64,6 +64,16 @@ _CHILD = textwrap.dedent("""
       import time; time.sleep({late_s})
     summary = main.run(config, workdir)
     print("summary", sorted(summary))
+    # The blockwise gather the report uses, with several blocks and a clamped last one.
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+    from vigface_jax import parallel
+    mesh = parallel.create_mesh(("data", "fsdp", "model"), (1, 1, {num_processes}))
+    want = np.arange(3 * 34, dtype=np.float32).reshape(3, 34)
+    x = parallel.put(want, NamedSharding(mesh, PartitionSpec(None, "model")))
+    assert not x.is_fully_addressable
+    got = parallel.fetch_in_blocks(x, 1, 5)
+    assert np.array_equal(got, want), got
     print("OK")
 """).format(num_processes=_NUM_PROCESSES, late_s=_LATE_S)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,10 +62,16 @@ def add_parallelism(config: config_dict.ConfigDict,
   config.distributed = "auto"
   # True: lower and compile the training step for the configured mesh and print its memory per
   # device, FLOPs per step and the sharding of the largest arrays, without training, without
-  # initialising weights or reading data (train/compile_only.py; stage 1 and stage 2 only).
+  # initialising weights or reading data (train/compile_only.py; stage 1 and stage 2 only;
+  # stage 2's also compiles stage 3's sampler for its model).
   # Fake the target's device count on CPU with
   # XLA_FLAGS=--xla_force_host_platform_device_count=N.
   config.dry_run = False
+  # With dry_run: compile ahead of time for this Cloud TPU slice instead of the local devices,
+  # on a host without TPUs, through libtpu's topology description (`pip install -e ".[tpu]"`):
+  # '<generation>:<chips>' such as 'v5e:2x4', 'v5p:2x2x2', 'v4:2x2x2', 'v6e:4x4'. The mesh
+  # then spans the slice's chips and the figures are the TPU compiler's. None: local devices.
+  config.dry_run_topology = config_dict.placeholder(str)
 
 
 class Fields:
@@ -293,3 +300,11 @@ def validate_parallelism(config: Any, *, dry_run_task: bool = False) -> None:
   if f.bool("dry_run") and not dry_run_task:
     f.fail("dry_run", "False for this task (compile-only dry runs are for the training tasks, "
            "configs/fr.py and configs/dit.py)", True)
+  topology = f.str("dry_run_topology", optional=True)
+  if topology is not None:
+    if not f.get("dry_run"):
+      f.fail("dry_run_topology", "None unless dry_run=True (it names the TPU slice a "
+             "compile-only dry run compiles for)", topology)
+    if not re.fullmatch(r"v[0-9]+[a-z]*(lite)?:[0-9]+(x[0-9]+){1,2}", topology):
+      f.fail("dry_run_topology", "a Cloud TPU slice '<generation>:<chips>' such as 'v5e:2x4' "
+             "or 'v5p:2x2x2'", topology)

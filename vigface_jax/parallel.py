@@ -321,11 +321,16 @@ def batch_sharding(
   return logical_sharding(mesh, ("batch",), rules)
 
 
-def batch_axis_size(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> int:
-  """Number of ways the batch dimension is split on `mesh`."""
-  spec = batch_sharding(mesh, rules).spec
+def axis_size(mesh: Mesh, logical_name: str, rules: LogicalRules = DEFAULT_RULES) -> int:
+  """Number of ways a dimension called `logical_name` (alone in its array) is split on `mesh`."""
+  spec = logical_sharding(mesh, (logical_name,), rules).spec
   axes = spec[0] if len(spec) else None
   return math.prod(mesh.shape[a] for a in _as_tuple(axes))
+
+
+def batch_axis_size(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> int:
+  """Number of ways the batch dimension is split on `mesh`."""
+  return axis_size(mesh, "batch", rules)
 
 
 # --------------------------------------------------------------- multi-host
@@ -456,6 +461,29 @@ def fetch(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def fetch_in_blocks(x: jax.Array, axis: int, block: int) -> np.ndarray:
+  """`fetch(x)` without ever placing more than `block` entries of `axis` on one device.
+
+  A fully addressable array is copied shard by shard to the host (no device gathers). One that
+  spans processes is replicated `block` slices at a time (a fixed-size slice, so one compiled
+  program; the last one is clamped and trimmed), so devices hold at most one slice beside their
+  own shard while the host assembles the whole array. Every process must call it.
+  """
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  size = x.shape[axis]
+  block = max(1, min(int(block), size))
+  replicated = NamedSharding(x.sharding.mesh, PartitionSpec())
+  take = jax.jit(lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, block, axis),
+                 out_shardings=replicated)
+  parts = []
+  for start in range(0, size, block):
+    first = min(start, size - block)  # dynamic_slice clamps too; say it here
+    part = np.asarray(take(x, first))
+    parts.append(np.take(part, np.arange(start - first, block), axis=axis))
+  return np.concatenate(parts, axis=axis)
 
 
 def is_main_process() -> bool:

@@ -27,6 +27,13 @@ they are within one bin width of the exact value). Percentiles of the per-row ne
 cosines (and so the verdict) are exact. Cosines are clipped to [-1, 1] (float32 rounding can
 exceed 1 for duplicate rows). Pair statistics of a group with no pairs are None.
 
+Above `DEVICE_ABOVE` rows (WebFace-scale heads of millions of classes) the host scan would take
+days: the nearest neighbours of every row then come from `generate.search`'s exact sharded
+search (the rows split over the devices, float32-rescored), so the verdict stays exact, and
+the pair statistics from all pairs among `PAIR_SAMPLE` uniformly drawn rows (`pairs_from` in
+the report). A head sharded across processes reaches process 0's host in blocks of classes
+(`parallel.fetch_in_blocks`); no device ever holds the whole matrix.
+
 Typical use, at the end of stage-1 training:
 
   report = prototypes.write_report(workdir, state.head.weight, config.num_real)
@@ -43,6 +50,7 @@ import jax
 import numpy as np
 
 from vigface_jax import metrics
+from vigface_jax import parallel
 
 HIST_BINS = 20001
 PERCENTILES = (50, 90, 99, 99.9)
@@ -139,9 +147,24 @@ def _summary(values: np.ndarray, percentiles=_NEAREST_PERCENTILES) -> dict[str, 
   return out
 
 
+# Above this many rows the nearest-neighbour search runs on the devices, sharded, and the pair
+# statistics come from a sample of rows (a host scan of all C^2 / 2 pairs is days at 2M rows).
+DEVICE_ABOVE = 262_144
+PAIR_SAMPLE = 32_768  # rows whose pairs give the pair statistics above DEVICE_ABOVE
+
+
 def separability(centres: Any, num_real: int, *, block: int = 4096,
-                 class_axis: int = 1) -> dict[str, Any]:
+                 class_axis: int = 1, device_above: int = DEVICE_ABOVE,
+                 pair_sample: int = PAIR_SAMPLE, seed: int = 0,
+                 mesh: Any = None) -> dict[str, Any]:
   """Cosine separation of virtual and real class centres.
+
+  Up to `device_above` rows everything is computed on the host, exactly (module docstring).
+  Above it (WebFace-scale heads: 2M rows), the nearest neighbours of every row, and so the
+  verdict, come from the exact sharded search of `generate.search` (the rows split over the
+  devices of `mesh`, never whole on one device; float32 rescoring makes the returned cosines
+  exact), and the pair statistics from all pairs among `pair_sample` rows drawn uniformly
+  (`pairs_from` says how many, of how many, with which seed).
 
   Args:
     centres: `[embed_dim, num_classes]` (the margin head's `weight`; `class_axis=1`) or
@@ -149,10 +172,12 @@ def separability(centres: Any, num_real: int, *, block: int = 4096,
     num_real: `n`; classes `[0, n)` are real, the remaining `k` virtual (k may be 0).
     block: rows per matmul block; memory is O(block * num_classes).
     class_axis: which axis of `centres` indexes classes.
+    device_above, pair_sample, seed: the large-head path (above), its sample and seed.
+    mesh: devices for the large-head search (default: this process's devices).
 
   Returns:
     A dict (JSON-ready except `per_row`):
-      `num_real`, `num_virtual`, `embed_dim`, `hist_bins`;
+      `num_real`, `num_virtual`, `embed_dim`, `hist_bins`, `pairs_from`;
       `virtual_real`, `virtual_virtual`, `real_real`: `{pairs, max, mean, p50, p90, p99, p99_9}`
         over distinct pairs (percentiles from the histogram, see the module docstring);
       `nearest_real_to_virtual`: `{rows, max, mean, p50, p99}` of each virtual row's max cosine
@@ -170,7 +195,34 @@ def separability(centres: Any, num_real: int, *, block: int = 4096,
     raise ValueError(f"num_real={n} outside [0, {num_classes}]")
   k = num_classes - n
   block = max(1, int(block))
+  if num_classes > int(device_above):
+    take = np.sort(np.random.default_rng(seed).choice(
+        num_classes, min(int(pair_sample), num_classes), replace=False))
+    groups, _ = _scan(x[take], int(np.sum(take < n)), block, nearest=False)
+    per_row = _nearest_on_devices(x, n, mesh)
+    pairs_from = {"rows": int(take.size), "of": num_classes, "seed": int(seed),
+                  "nearest": "every row, sharded device search"}
+  else:
+    groups, per_row = _scan(x, n, block, nearest=True)
+    pairs_from = {"rows": num_classes, "of": num_classes, "nearest": "every row, host"}
+  near_real_cos = per_row["nearest_real_cosine"]
+  result: dict[str, Any] = {
+      "num_real": n, "num_virtual": k, "embed_dim": dim, "hist_bins": HIST_BINS,
+      "pairs_from": pairs_from,
+      **{name: g.stats() for name, g in groups.items()},
+      "nearest_real_to_virtual": _summary(near_real_cos[n:]),
+      "nearest_real_to_real": _summary(near_real_cos[:n]),
+  }
+  result["verdict"] = _verdict(result)
+  result["per_row"] = per_row
+  return result
 
+
+def _scan(x: np.ndarray, n: int, block: int, *, nearest: bool
+          ) -> tuple[dict[str, _PairGroup], dict[str, np.ndarray] | None]:
+  """Host scan of `x [C, d]` rows `block` at a time: pair groups and (if `nearest`) per-row
+  nearest neighbours."""
+  num_classes = x.shape[0]
   groups = {"virtual_real": _PairGroup(), "virtual_virtual": _PairGroup(),
             "real_real": _PairGroup()}
   near_real_idx = np.full(num_classes, -1, np.int64)
@@ -200,6 +252,8 @@ def separability(centres: Any, num_real: int, *, block: int = 4096,
       groups["virtual_real"].add(sub[:, :n])
       groups["virtual_virtual"].add_within(sub, lo, hi)
       groups["virtual_virtual"].add(sub[:, hi:])
+    if not nearest:
+      continue
 
     sim[rows - start, rows] = -np.inf  # a row is not its own neighbour
     if n:
@@ -213,19 +267,42 @@ def separability(centres: Any, num_real: int, *, block: int = 4096,
       idx = sim.argmax(axis=1)
       near_idx[start:stop] = idx
       near_cos[start:stop] = sim[np.arange(stop - start), idx]
+  if not nearest:
+    return groups, None
+  return groups, {"nearest_real_index": near_real_idx, "nearest_real_cosine": near_real_cos,
+                  "nearest_index": near_idx, "nearest_cosine": near_cos}
 
-  result: dict[str, Any] = {
-      "num_real": n, "num_virtual": k, "embed_dim": dim, "hist_bins": HIST_BINS,
-      **{name: g.stats() for name, g in groups.items()},
-      "nearest_real_to_virtual": _summary(near_real_cos[n:]),
-      "nearest_real_to_real": _summary(near_real_cos[:n]),
-  }
-  result["verdict"] = _verdict(result)
-  result["per_row"] = {
-      "nearest_real_index": near_real_idx, "nearest_real_cosine": near_real_cos,
-      "nearest_index": near_idx, "nearest_cosine": near_cos,
-  }
-  return result
+
+def _first_other(sims: np.ndarray, index: np.ndarray, rows: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Per row, the best of its `[N, 2]` neighbours that is not the row itself (-1/NaN: none)."""
+  own = index == rows[:, None]
+  pick = np.where(own[:, 0], 1, 0)
+  ok = (pick < index.shape[1]) & ~own[np.arange(len(rows)), np.minimum(pick, index.shape[1] - 1)]
+  pick = np.minimum(pick, index.shape[1] - 1)
+  idx = index[np.arange(len(rows)), pick]
+  cos = sims[np.arange(len(rows)), pick]
+  return (np.where(ok, idx, -1).astype(np.int64),
+          np.where(ok, np.clip(cos, -1.0, 1.0), np.nan).astype(np.float32))
+
+
+def _nearest_on_devices(x: np.ndarray, n: int, mesh: Any) -> dict[str, np.ndarray]:
+  """The per-row nearest neighbours of `_scan`, from the sharded exact search."""
+  from vigface_jax.generate import search  # pylint: disable=g-import-not-at-top
+  num_classes = x.shape[0]
+  rows = np.arange(num_classes)
+  out = {"nearest_real_index": np.full(num_classes, -1, np.int64),
+         "nearest_real_cosine": np.full(num_classes, np.nan, np.float32)}
+  if n:
+    sims, index = search.nearest(x, x[:n], k=min(2, n), mesh=mesh)
+    out["nearest_real_index"], out["nearest_real_cosine"] = _first_other(sims, index, rows)
+  if num_classes > 1:
+    sims, index = search.nearest(x, x, k=2, mesh=mesh)
+    out["nearest_index"], out["nearest_cosine"] = _first_other(sims, index, rows)
+  else:
+    out["nearest_index"] = np.full(num_classes, -1, np.int64)
+    out["nearest_cosine"] = np.full(num_classes, np.nan, np.float32)
+  return out
 
 
 def _verdict(result: dict[str, Any]) -> dict[str, Any]:
@@ -310,28 +387,34 @@ def similarity_figure(centres: Any, num_real: int, path: str | os.PathLike, *,
 
 
 def write_report(workdir: str | os.PathLike, centres: Any, num_real: int, *,
-                 sample: int = 256, block: int = 4096,
-                 class_axis: int = 1) -> dict[str, Any] | None:
+                 num_classes: int | None = None, sample: int = 256, block: int = 4096,
+                 class_axis: int = 1, device_above: int = DEVICE_ABOVE,
+                 pair_sample: int = PAIR_SAMPLE, gather_block: int = 65_536
+                 ) -> dict[str, Any] | None:
   """Writes `prototypes.npz`, `separability.json` and `prototype_similarity.png` to `workdir`.
 
   `prototypes.npz` holds `real [n, d]` and `virtual [k, d]` (L2-normalised float32) and the
   `per_row` nearest-neighbour arrays of `separability`; `separability.json` is its dict without
-  `per_row`. Call it on every process: a `jax.Array` sharded across processes is gathered first
-  (a collective), then only process 0 computes and writes.
+  `per_row`. Call it on every process: a `jax.Array` sharded across processes is brought to the
+  hosts `gather_block` classes at a time (`parallel.fetch_in_blocks`: no device ever holds the
+  whole matrix), then only process 0 computes and writes. Columns from `num_classes` on (the
+  head's padding) are dropped.
 
   Returns:
     The `separability` dict on process 0; None on the others.
   """
-  if isinstance(centres, jax.Array) and not centres.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    centres = multihost_utils.process_allgather(centres, tiled=True)
+  if isinstance(centres, jax.Array):
+    centres = parallel.fetch_in_blocks(centres, class_axis, gather_block)
   if jax.process_index() != 0:
     return None
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
 
   x = _rows(centres, class_axis)
-  report = separability(x, num_real, block=block, class_axis=0)
+  if num_classes is not None:
+    x = x[:int(num_classes)]
+  report = separability(x, num_real, block=block, class_axis=0, device_above=device_above,
+                        pair_sample=pair_sample)
   per_row = report["per_row"]
   np.savez(os.path.join(workdir, "prototypes.npz"), real=x[:num_real],
            virtual=x[num_real:], **per_row)

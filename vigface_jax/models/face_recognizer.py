@@ -17,10 +17,12 @@ from vigface_jax.models import iresnet
 from vigface_jax.models import margin as margin_lib
 
 
-def compute_dtype(name: str) -> Any:
-  """'auto' → bfloat16 on GPU/TPU, float32 on CPU; otherwise the named dtype."""
+def compute_dtype(name: str, platform: str | None = None) -> Any:
+  """'auto' → bfloat16 on GPU/TPU, float32 on CPU (`platform`, default the backend's);
+  otherwise the named dtype."""
   if name == "auto":
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    platform = platform or jax.default_backend()
+    return jnp.float32 if platform == "cpu" else jnp.bfloat16
   return jnp.dtype(name)
 
 
@@ -32,15 +34,16 @@ class FaceRecognizer(nnx.Module):
   """Backbone + class centres `[embed_dim, n + k]` (+ the AdaFace norm statistics)."""
 
   def __init__(self, arch: str, *, embed_dim: int, num_real: int, num_virtual: int,
-               input_size: int = 112, dropout: float = 0.0, dtype: Any = jnp.float32,
+               num_padding: int = 0, input_size: int = 112, dropout: float = 0.0, dtype: Any = jnp.float32,
                adaface: bool = False, rngs: nnx.Rngs):
     """Args: the backbone's `iresnet.VARIANTS` name, embedding size, real and virtual class
-    counts, square input side (the 112 crop is resized to it), dropout before the embedding,
+    counts, padding columns of the head (`margin.ClassCentres`), square input side (the 112 crop is resized to it), dropout before the embedding,
     compute dtype, whether to keep AdaFace's norm statistics, and initialisation RNGs."""
     self.input_size = int(input_size)
     self.backbone = iresnet.IResNet(arch, embed_dim=int(embed_dim), dropout=float(dropout),
                                     input_size=self.input_size, dtype=dtype, rngs=rngs)
-    self.head = margin_lib.ClassCentres(int(embed_dim), num_real, num_virtual, rngs=rngs)
+    self.head = margin_lib.ClassCentres(int(embed_dim), num_real, num_virtual,
+                                        num_padding=int(num_padding), rngs=rngs)
     self.adaface = AdaFaceBuffer(jnp.stack(margin_lib.AdaFaceStats.init())) if adaface else None
 
   def embed(self, images: jax.Array) -> jax.Array:

@@ -20,6 +20,14 @@ the parts of that head that are not the backbone and not the training loop:
   that, under `jax.jit` with the centres sharded over their class axis, the
   `[batch, classes]` logits stay sharded (max, log-sum-exp and the target
   logit are reductions over the class axis; no gather of a full logit row).
+  Padding columns (`ClassCentres.num_padding`, so any class count splits
+  over the devices) are masked out through `valid_columns`.
+* Partial FC (`sample_columns`, `column_labels`): for heads of millions of
+  classes, each step's softmax runs over every positive class plus uniformly
+  sampled negatives, a fixed fraction of each shard of the class axis, chosen
+  per shard (`jax.shard_map`) without gathering scores or centres; only the
+  kept columns get gradient (arcface_torch `PartialFC_V2` semantics, at a
+  static per-shard count).
 
 Gradient contract of the virtual part: the virtual embeddings are built from
 `stop_gradient(sigma)` and `stop_gradient(w_v)`, so they carry no gradient to
@@ -66,14 +74,17 @@ class ClassCentres(nnx.Module):
   """Class-centre matrix `[embed_dim, num_real + num_virtual]` and sigma EMA.
 
   Columns `[0, num_real)` are real identities, `[num_real, num_real +
-  num_virtual)` virtual ones. `weight` carries logical axes
+  num_virtual)` virtual ones; `num_padding` more columns (zero by default) only round the
+  class axis up to a multiple of the devices it is split over: they are never a label,
+  `margin_softmax_loss` masks them out (`valid_columns`) and reports drop them. `weight` carries
+  logical axes
   `('embed', 'classes')`; `sigma` (`[embed_dim]`, starts at zero, replicated)
   is the EMA buffer `virtual_embeddings` reads and the caller writes back.
 
   Attributes:
-    weight: `nnx.Param` float32 `[embed_dim, num_real + num_virtual]`.
+    weight: `nnx.Param` float32 `[embed_dim, num_real + num_virtual + num_padding]`.
     sigma: `SigmaBuffer` float32 `[embed_dim]`.
-    num_real, num_virtual, embed_dim: ints.
+    num_real, num_virtual, num_padding, embed_dim: ints.
   """
 
   def __init__(
@@ -82,23 +93,26 @@ class ClassCentres(nnx.Module):
       num_real: int,
       num_virtual: int = 0,
       *,
+      num_padding: int = 0,
       init_std: float = 0.01,
       param_dtype: Any = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    if num_real <= 0 or num_virtual < 0:
+    if num_real <= 0 or num_virtual < 0 or num_padding < 0:
       raise ValueError(
-          f"num_real={num_real} must be > 0 and num_virtual={num_virtual} "
-          ">= 0."
+          f"num_real={num_real} must be > 0, num_virtual={num_virtual} and "
+          f"num_padding={num_padding} >= 0."
       )
     self.embed_dim = embed_dim
     self.num_real = num_real
     self.num_virtual = num_virtual
+    self.num_padding = num_padding
     # normal(0, 0.01) as arcface_torch's PartialFC; the scale is irrelevant
     # to the cosines but sets the effective learning rate of the centres.
     init = jax.nn.initializers.normal(stddev=init_std)
     self.weight = nnx.Param(
-        init(rngs.params(), (embed_dim, num_real + num_virtual), param_dtype),
+        init(rngs.params(), (embed_dim, num_real + num_virtual + num_padding),
+             param_dtype),
         out_sharding=("embed", "classes"),
         eager_sharding=False,
     )
@@ -106,14 +120,20 @@ class ClassCentres(nnx.Module):
 
   @property
   def num_classes(self) -> int:
+    """Real + virtual classes (padding columns excluded)."""
     return self.num_real + self.num_virtual
 
+  @property
+  def num_columns(self) -> int:
+    """Columns of `weight`: the classes plus the padding that lets the class axis split evenly."""
+    return self.num_classes + self.num_padding
+
   def normalized(self) -> jax.Array:
-    """Column-L2-normalised centres, float32 `[embed_dim, num_classes]`."""
+    """Column-L2-normalised centres, float32 `[embed_dim, num_columns]`."""
     return l2_normalize(self.weight[...], axis=0)
 
   def __call__(self, emb: jax.Array) -> jax.Array:
-    """Cosines `[batch, num_classes]` of (normalised) `emb [batch, embed_dim]`."""
+    """Cosines `[batch, num_columns]` of (normalised) `emb [batch, embed_dim]`."""
     return cosines(emb, self.normalized())
 
 
@@ -321,7 +341,7 @@ def virtual_embeddings(
     rng: PRNG key.
     real_emb: float `[b_r, d]` L2-normalised real embeddings.
     real_labels: int `[b_r]` in [0, n), or -1.
-    centres_normalised: float32 `[d, n + k]` column-normalised centres.
+    centres_normalised: float32 `[d, n + k (+ padding)]` column-normalised centres.
     sigma: float32 `[d]` the current EMA (`ClassCentres.sigma`).
     num_real, num_virtual: n and k (static).
     alpha: EMA weight of the old sigma.
@@ -332,10 +352,11 @@ def virtual_embeddings(
     [n, n + k), new_sigma float32 [d])`.
   """
   b_r, d = real_emb.shape
-  if centres_normalised.shape != (d, num_real + num_virtual):
+  if (centres_normalised.ndim != 2 or centres_normalised.shape[0] != d
+      or centres_normalised.shape[1] < num_real + num_virtual):
     raise ValueError(
         f"centres_normalised has shape {centres_normalised.shape}; expected "
-        f"({d}, {num_real} + {num_virtual})."
+        f"({d}, {num_real} + {num_virtual} [+ padding columns])."
     )
   if num_per_step is None:
     num_per_step = num_virtual_per_step(num_virtual, b_r, num_real)
@@ -375,6 +396,7 @@ def margin_softmax_loss(
     margin_fn: MarginFn = arcface,
     logits_sharding: Any = None,
     return_logits: bool = False,
+    valid_columns: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, Any]]:
   """Margin softmax cross-entropy without gathering the logits.
 
@@ -394,6 +416,8 @@ def margin_softmax_loss(
       `-> (logits, margin_state)` (e.g. a `functools.partial` of `adaface`).
     logits_sharding: optional sharding constraint for cosines and logits.
     return_logits: also return the logits in the aux dict (tests).
+    valid_columns: optional bool `[C]`; False columns (padding) get logit -inf after the
+      margin, so they take no probability and no gradient.
 
   Returns:
     `(loss, aux)`: mean loss over rows with label != -1 (0 if none); aux
@@ -411,6 +435,8 @@ def margin_softmax_loss(
   else:
     logits = out
   logits = jnp.asarray(logits, jnp.float32)
+  if valid_columns is not None:
+    logits = jnp.where(valid_columns[None, :], logits, -jnp.inf)
   if logits_sharding is not None:
     logits = jax.lax.with_sharding_constraint(logits, logits_sharding)
 
@@ -431,3 +457,118 @@ def margin_softmax_loss(
   if return_logits:
     aux["logits"] = logits
   return loss, aux
+
+
+# ------------------------------------------------------------- Partial FC
+
+
+class Columns(NamedTuple):
+  """The class-centre columns one step's softmax runs over.
+
+  Attributes:
+    centres: float `[d, C']` raw centres of the kept columns.
+    ids: int32 `[C']` their column indices in the full matrix (ascending).
+    valid: bool `[C']`, False for padding columns.
+  """
+
+  centres: jax.Array
+  ids: jax.Array
+  valid: jax.Array
+
+
+def num_sampled_per_shard(num_columns: int, num_shards: int, sample_rate: float,
+                          num_rows: int) -> int:
+  """Columns Partial FC keeps per shard: `int(rate · C/M)`, at least the step's rows.
+
+  arcface_torch's `PartialFC_V2` keeps `int(sample_rate · C_local)` columns per rank and, when a
+  rank holds more positive classes than that, all of its positives instead. Shapes here are
+  static, so the count is raised to the largest number of positives a shard can hold: every
+  row of the step (`num_rows`), capped at the shard's size.
+  """
+  if num_columns % num_shards:
+    raise ValueError(f"{num_columns} class columns do not split over {num_shards} shards")
+  local = num_columns // num_shards
+  return min(local, max(int(sample_rate * local), num_rows, 1))
+
+
+def class_axes_of(logits_sharding: Any) -> tuple[Any, tuple[str, ...]]:
+  """(mesh, mesh axes of the class dimension) of a `[b, C]` logits `NamedSharding` (or None)."""
+  if logits_sharding is None:
+    return None, ()
+  spec = tuple(logits_sharding.spec) + (None, None)
+  axes = spec[1]
+  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  return logits_sharding.mesh, axes
+
+
+def sample_columns(rng: jax.Array, centres: jax.Array, labels: jax.Array, *,
+                   num_classes: int, sample_rate: float, num_shards: int | None = None,
+                   logits_sharding: Any = None) -> Columns:
+  """Partial FC (An et al., CVPR 2022): every positive class plus uniformly sampled negatives.
+
+  The class axis is taken as `num_shards` equal contiguous blocks (the blocks it is sharded
+  into over the mesh's model axis); each block keeps `num_sampled_per_shard(...)` of its
+  columns: all of its positive classes (labels of the step in the block) and negatives drawn
+  uniformly without replacement among the block's other valid columns, padding columns last.
+  Everything is a per-block operation on a `[num_shards, C/M]` view (random scores, a `top_k`
+  inside `jax.shard_map` over the class axes, a gather along the block's own axis), so with
+  the class axis sharded no device sees another block's scores or centres; the kept `[d, M·S]`
+  centres stay sharded over the class axis.
+
+  Args:
+    rng: PRNG key (the same on every device).
+    centres: float `[d, C]` raw centres (C may include padding columns).
+    labels: int `[b]` labels of every row the step's softmax will see (-1 = none).
+    num_classes: valid columns `[0, num_classes)`; later columns are padding.
+    sample_rate: fraction of each block kept (1.0 keeps every column).
+    num_shards: M, blocks of the class axis; default: the class axis's devices in
+      `logits_sharding` (1 without it).
+    logits_sharding: the `[b, C]` logits' `NamedSharding`; its class mesh axes are the blocks.
+
+  Returns:
+    `Columns` of `M·S` columns, ascending ids.
+  """
+  d, num_columns = centres.shape
+  mesh, axes = class_axes_of(logits_sharding)
+  sharded = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  if num_shards is None:
+    num_shards = sharded
+  labels = jnp.asarray(labels, jnp.int32).reshape(-1)
+  local = num_columns // num_shards
+  keep = num_sampled_per_shard(num_columns, num_shards, sample_rate, labels.shape[0])
+  column = jnp.arange(num_columns, dtype=jnp.int32)
+  # Scores: negatives uniform in [0, 1), positives 2 (always kept), padding -1 (kept last).
+  score = jax.random.uniform(rng, (num_columns,), jnp.float32)
+  score = jnp.where(column < num_classes, score, -1.0)
+  score = score.at[jnp.where(labels >= 0, labels, num_columns)].set(2.0, mode="drop")
+  def top(block_scores):  # [blocks, local] -> sorted indices of the kept columns
+    return jnp.sort(jax.lax.top_k(block_scores, keep)[1], axis=-1)
+
+  score = score.reshape(num_shards, local)
+  if axes and sharded == num_shards:  # XLA's TopK would all-gather the scores of every block
+    spec = jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0], None)
+    idx = jax.shard_map(top, mesh=mesh, in_specs=spec, out_specs=spec)(score)
+  else:
+    idx = top(score)
+  ids = (idx + (jnp.arange(num_shards, dtype=jnp.int32) * local)[:, None]).reshape(-1)
+  blocks = centres.reshape(d, num_shards, local)
+  kept = jnp.take_along_axis(blocks, idx[None, :, :], axis=2, mode="clip")
+  return Columns(kept.reshape(d, num_shards * keep), ids, ids < num_classes)
+
+
+def all_columns(centres: jax.Array, num_classes: int) -> Columns:
+  """`Columns` of the whole matrix (no sampling); padding columns beyond `num_classes` masked."""
+  ids = jnp.arange(centres.shape[1], dtype=jnp.int32)
+  return Columns(centres, ids, ids < num_classes)
+
+
+def column_labels(labels: jax.Array, ids: jax.Array) -> jax.Array:
+  """Each label's position among `ids` (-1 for -1 or a label not kept).
+
+  A compare-and-sum over the column axis (elementwise on its shards, then an all-reduce of
+  `[b]`), not a gather or a search over a sharded vector.
+  """
+  labels = jnp.asarray(labels, jnp.int32)
+  hit = labels[:, None] == ids[None, :]
+  pos = jnp.sum(jnp.where(hit, jnp.arange(ids.shape[0], dtype=jnp.int32)[None, :], 0), axis=-1)
+  return jnp.where(jnp.any(hit, axis=-1) & (labels >= 0), pos, -1).astype(jnp.int32)

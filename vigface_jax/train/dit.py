@@ -189,7 +189,8 @@ def _stage1(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], np.ndarr
 
 
 def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """`--config.dry_run=True`: the stage-2 step compiled for the configured mesh; nothing
+  """`--config.dry_run=True`: the stage-2 step and stage 3's sampler for this model (one call
+  of `sample.batch_size` images) compiled for the configured mesh; nothing
   trained, initialised or read beyond the stage-1 run's description and row count (when
   `stage1.workdir` is set; else `stage1.dry_run_backbone` and `model.num_real`)."""
   if config.stage1.workdir:
@@ -202,14 +203,18 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       raise config_lib.ConfigError(
           "dry run without stage1.workdir: set model.num_real (the stage-1 run's real "
           "identities; CASIA-WebFace: 10572)")
+  mesh = compile_only.dry_run_mesh(config)
+  config = compile_only.for_target(config, mesh)
   schedule = schedules.make_schedule(config.diffusion.schedule, int(config.diffusion.timesteps))
   loss_fn = functools.partial(dit_loss, cfg=config, schedule=schedule)
-  mesh = parallel.mesh_from_config(config)
-  figures = compile_only.compile_train_step(config, mesh=mesh,
-                                            create_model=create_model(config, info, int(n)),
-                                            loss_fn=loss_fn, trainable=stage2.TRAINABLE)
+  figures, setup = compile_only.compile_train_step(
+      config, mesh=mesh, create_model=create_model(config, info, int(n)), loss_fn=loss_fn,
+      trainable=stage2.TRAINABLE, return_setup=True)
+  figures["sampler"] = compile_only.compile_sampler(config, mesh, setup, schedule,
+                                                    int(info["embed_dim"]))
   figures.update(num_real=int(n), variant=config.model.variant,
                  image_size=int(config.model.image_size), patch_size=int(config.model.patch_size),
+                 compute_dtype=config.model.dtype,
                  frozen_fr={k: info[k] for k in ("arch", "embed_dim", "input_size")})
   return compile_only.report("dit", figures, workdir)
 
