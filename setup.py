@@ -39,7 +39,7 @@ setuptools.setup(
         # jax[tpu] brings libtpu, for the ahead-of-time dry run for a named TPU slice
         # (tests/test_compile_only.py); with JAX_PLATFORMS=cpu it never starts a TPU backend.
         "test": ["pytest==9.0.3", "torch==2.13.0", "scikit-image==0.26.0",
-                 "diffusers==0.35.1", f"jax[tpu]=={_jax_pin()}"],
+                 "diffusers==0.35.1", "hypothesis==6.155.2", f"jax[tpu]=={_jax_pin()}"],
         # Accelerators, at the same jax version as the CPU install (README "Running on Cloud
         # TPU and GPU clusters"): TPU VMs (libtpu), NVIDIA GPUs with CUDA 13 or 12 (the CUDA
         # libraries come as pip wheels; a driver is all the machine needs).

@@ -81,3 +81,47 @@ def run_on_fake_devices(script: str, num_devices: int = 8, timeout: int = 180) -
   assert result.returncode == 0, result.stderr[-5000:]
   assert result.stdout.strip().endswith("OK"), result.stdout
   return result.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_stage_runs(tmp_path_factory):
+  """A tiny stage 1, a stage 2 trained on it and an independent tiny auditor (what stage 3's
+  tests generate from), built once per session."""
+  from configs import dit as dit_config  # pylint: disable=g-import-not-at-top
+  from configs import fr as fr_config  # pylint: disable=g-import-not-at-top
+  from vigface_jax import tasks  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("tiny_stage_runs")
+
+  def fr(name, variant):
+    config = fr_config.get_config(variant)
+    config.evals.verify.procedural_pairs = None
+    config.evals.verify.baselines = False
+    tasks.run(config, str(root / name))
+    return str(root / name)
+
+  s1, auditor = fr("fr", "tiny"), fr("auditor", "tiny_auditor")
+  config = dit_config.get_config("tiny")
+  config.stage1.workdir = s1
+  tasks.run(config, str(root / "dit"))
+  return {"stage1": s1, "stage2": str(root / "dit"), "auditor": auditor}
+
+
+def cli_env() -> dict[str, str]:
+  """The environment for running `python -m vigface_jax.main` in a child process: CPU, this
+  checkout, the tests' persistent compilation cache, no inherited XLA flags."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_")}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(_REPO))
+  cache = os.environ.get("VIGFACE_TEST_JAX_CACHE", os.path.join(
+      os.path.expanduser("~"), ".cache", "vigface_jax_test_xla"))
+  env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  return env
+
+
+def fr_tiny_command(workdir, num_steps: int, *overrides: str) -> list[str]:
+  """`configs/fr.py:tiny` for `num_steps` steps logging every step, no verification, as a
+  command line; `overrides` are more `--config.a.b=v` flags."""
+  import sys  # pylint: disable=g-import-not-at-top
+  return [sys.executable, "-m", "vigface_jax.main", "--config=configs/fr.py:tiny",
+          f"--workdir={workdir}", f"--config.train.num_steps={num_steps}",
+          "--config.train.log_every=1", "--config.evals.verify.every=-1",
+          "--config.evals.verify.baselines=False", *overrides]

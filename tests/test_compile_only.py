@@ -22,6 +22,28 @@ from conftest import require
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# Both children: the ConfigError each bad config stops with (None: it ran), and the results.
+_HELPERS = textwrap.dedent("""
+    def errors_of(cases, out):
+      from vigface_jax import config_lib, main
+      errors = {}
+      for name, config in cases:
+        try:
+          main.run(config, os.path.join(out, "err_" + name))
+          errors[name] = None
+        except config_lib.ConfigError as e:
+          errors[name] = str(e)
+      return errors
+
+    def save(results, out):
+      with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump(results, fh, default=str)
+    """)
+
+def _with_helpers(child: str) -> str:
+  return "import json, os\n" + _HELPERS + child
+
+
 _CHILD = textwrap.dedent("""
     import json, os, sys
     from absl import flags
@@ -55,7 +77,6 @@ _CHILD = textwrap.dedent("""
     c = dit.get_config("tiny")
     c.dry_run, c.model.num_real, c.data.global_batch_size = True, 16, 8
     results["dit"] = main.run(c, os.path.join(out, "dit"))
-    errors = {}
     bad = stage1((8, 1, 1))
     bad.data.global_batch_size = 12
     c = dit.get_config("tiny")
@@ -65,22 +86,16 @@ _CHILD = textwrap.dedent("""
     uneven = stage1((1, 1, 8))
     uneven.model.num_real = 4001
     uneven.model.class_multiple = 3  # 8001 centres, a multiple of 3 but not of 8 devices
-    for name, config in (("batch", bad), ("num_real", c), ("preview", g), ("uneven", uneven)):
-      try:
-        main.run(config, os.path.join(out, "err_" + name))
-        errors[name] = None
-      except config_lib.ConfigError as e:
-        errors[name] = str(e)
-    results["errors"] = errors
-    with open(os.path.join(out, "results.json"), "w") as fh:
-      json.dump(results, fh, default=str)
+    results["errors"] = errors_of((("batch", bad), ("num_real", c), ("preview", g),
+                                   ("uneven", uneven)), out)
+    save(results, out)
     """)
 
 
 def test_dry_runs_on_eight_fake_devices(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=f"{_REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-  proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path)], env=env, cwd=_REPO,
+  proc = subprocess.run([sys.executable, "-c", _with_helpers(_CHILD), str(tmp_path)], env=env, cwd=_REPO,
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   results = json.loads((tmp_path / "results.json").read_text())
@@ -140,7 +155,7 @@ _TPU_CHILD = textwrap.dedent("""
     from configs import dit, fr
     from vigface_jax import config_lib, main
     out = sys.argv[1]
-    results, errors = {}, {}
+    results = {}
     c = fr.get_config("tiny")
     c.dry_run, c.dry_run_topology, c.mesh.shape = True, "v5e:2x4", (2, 1, 4)
     c.model.num_real, c.virtual.num_virtual = 4000, 4000  # the head is the largest array
@@ -149,18 +164,14 @@ _TPU_CHILD = textwrap.dedent("""
     c.dry_run, c.dry_run_topology, c.model.num_real = True, "v5p:2x2x2", 16
     c.data.global_batch_size = 8
     results["dit"] = main.run(c, os.path.join(out, "dit"))["dry_run"]
+    cases = []
     for name, topo, dry in (("unknown", "v5e:3x3", True), ("malformed", "v5e-8", True),
                             ("no_dry_run", "v5e:2x4", False)):
       c = fr.get_config("tiny")
       c.dry_run, c.dry_run_topology = dry, topo
-      try:
-        main.run(c, os.path.join(out, name))
-        errors[name] = None
-      except config_lib.ConfigError as e:
-        errors[name] = str(e)
-    results["errors"] = errors
-    with open(os.path.join(out, "results.json"), "w") as fh:
-      json.dump(results, fh, default=str)
+      cases.append((name, c))
+    results["errors"] = errors_of(cases, out)
+    save(results, out)
     """)
 
 
@@ -169,7 +180,7 @@ def test_dry_run_compiles_for_a_tpu_slice_ahead_of_time(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=f"{_REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", _TPU_CHILD, str(tmp_path)], env=env, cwd=_REPO,
+  proc = subprocess.run([sys.executable, "-c", _with_helpers(_TPU_CHILD), str(tmp_path)], env=env, cwd=_REPO,
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   results = json.loads((tmp_path / "results.json").read_text())

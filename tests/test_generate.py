@@ -15,8 +15,6 @@ import pytest
 import config_fields
 from conftest import run_on_fake_devices
 from configs import audit as audit_config
-from configs import dit as dit_config
-from configs import fr as fr_config
 from configs import generate as generate_config
 from vigface_jax import config_lib
 from vigface_jax.data import recordio
@@ -30,24 +28,11 @@ from vigface_jax.generate import task
 from vigface_jax import tasks
 
 
-def _fr(workdir, variant):
-  config = fr_config.get_config(variant)
-  config.evals.verify.procedural_pairs = None
-  config.evals.verify.baselines = False
-  tasks.run(config, workdir)  # with its config.json, as the command line leaves it
-  return workdir
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """A tiny stage 1, a stage 2 trained on it, and an independent tiny auditor."""
-  root = tmp_path_factory.mktemp("runs")
-  s1 = _fr(str(root / "fr"), "tiny")
-  aud = _fr(str(root / "auditor"), "tiny_auditor")
-  config = dit_config.get_config("tiny")
-  config.stage1.workdir = s1
-  tasks.run(config, str(root / "dit"))
-  return {"stage1": s1, "stage2": str(root / "dit"), "auditor": aud}
+def runs(tiny_stage_runs):
+  """A tiny stage 1, a stage 2 trained on it, and an independent tiny auditor (conftest's,
+  shared with the preemption and fault-injection tests; nothing here writes into them)."""
+  return tiny_stage_runs
 
 
 def _config(runs, **changes):

@@ -386,3 +386,32 @@ def test_trainable_filter_keeps_a_frozen_network_fixed(tmp_path):
   assert "frozen" not in result.state.params and "frozen" in result.state.rest
   np.testing.assert_array_equal(result.state.rest["frozen"]["kernel"][...], pretrained)
   assert not np.allclose(result.state.params["dense"]["kernel"][...], init.dense.kernel[...])
+
+
+def test_nonfinite_steps_are_skipped_up_to_the_limit_then_training_stops(tmp_path):
+  """train.skip_nonfinite=2: two non-finite steps in a row are skipped (no update, counted),
+  the third stops training; an isolated one later would have been skipped too."""
+  # Steps 2 and 4, 5 are non-finite; skipping leaves the parameters as the finite steps made
+  # them, so the run equals one that never saw those batches.
+  result = loop.fit(_toy_config(6, skip_nonfinite=2, checkpoint_every=0), str(tmp_path / "a"),
+                    mesh=_mesh(), create_model=_Toy, loss_fn=_toy_loss,
+                    data=_toy_batches([1, np.inf, 1, np.nan, np.inf, 1]), images_per_step=4)
+  records = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+  assert [r["train/skipped_steps"] for r in records] == [0, 1, 1, 2, 3, 3]
+  assert [r["train/finite"] for r in records] == [1, 0, 1, 0, 0, 1]
+  # A window of skipped steps reports only `finite` and the count, never a NaN loss.
+  assert [("train/loss" in r) for r in records] == [True, False, True, False, False, True]
+  assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+  assert int(result.state.step) == 6
+  batches = list(_toy_batches([1, np.inf, 1, np.nan, np.inf, 1]))
+  clean = loop.fit(_toy_config(3, checkpoint_every=0), str(tmp_path / "b"), mesh=_mesh(),
+                   create_model=_Toy, loss_fn=_toy_loss,
+                   data=iter([batches[i] for i in (0, 2, 5)]), images_per_step=4)
+  for a, b in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(clean.state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+  # Three in a row is one more than the limit: stop, naming the count and the field.
+  with pytest.raises(loop.TrainingDiverged, match=r"step 4 \(3 in a row; train.skip_nonfinite"
+                                                  r"=2\)"):
+    loop.fit(_toy_config(6, skip_nonfinite=2), str(tmp_path / "c"), mesh=_mesh(),
+             create_model=_Toy, loss_fn=_toy_loss,
+             data=_toy_batches([1, np.inf, np.inf, np.inf, 1, 1]), images_per_step=4)

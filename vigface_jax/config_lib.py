@@ -245,11 +245,13 @@ def train_config(**overrides: Any) -> config_dict.ConfigDict:
   profile_steps        (start, stop) steps traced by jax.profiler into workdir/profile; ()
   peak_tflops_per_device  peak TFLOP/s for the MFU figure (0: from the device kind; none on
                        CPU)
+  skip_nonfinite       non-finite steps in a row that are skipped (no update; counted in
+                       `train/skipped_steps`) before training stops; 0: stop at the first
   """
   return _section({
       "num_steps": 1000, "seed": 0, "log_every": 50, "checkpoint_every": 1000,
       "keep_checkpoints": 3, "async_checkpoint": True, "ema_decay": 0.0, "ema_warmup": False,
-      "profile_steps": (), "peak_tflops_per_device": 0.0,
+      "profile_steps": (), "peak_tflops_per_device": 0.0, "skip_nonfinite": 0,
   }, overrides, "train")
 
 

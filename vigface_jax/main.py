@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from vigface_jax import config_lib
 from vigface_jax import parallel
+from vigface_jax import preemption
 from vigface_jax import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,7 +59,12 @@ def main(argv: list[str]) -> None:
   # Must precede anything that creates a JAX backend.
   parallel.maybe_initialize_distributed(config.distributed)
   try:
-    tasks.run(config, _WORKDIR.value)
+    with preemption.watch():
+      tasks.run(config, _WORKDIR.value)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    sys.stderr.write(f"vigface_jax: {e}\n")
+    sys.exit(preemption.EXIT_PREEMPTED)
   except ConfigError as e:
     logging.error("%s", e)
     sys.stderr.write(f"vigface_jax: {e}\n")

@@ -41,6 +41,7 @@ import tqdm
 from vigface_jax import config_lib
 from vigface_jax import metrics as metrics_lib
 from vigface_jax import parallel
+from vigface_jax import preemption
 from vigface_jax.data import pipeline
 from vigface_jax.diffusion import samplers
 from vigface_jax.generate import loading
@@ -224,7 +225,13 @@ class Drawer:
     writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     writing = None
     try:
-      for s in todo:
+      for done, s in enumerate(todo):
+        if done and preemption.requested():  # the shard before this one is written, then stop
+          writing.result()
+          raise preemption.Preempted(
+              f"stopped on {preemption.signal_name()} after {done} of the {len(todo)} shards of "
+              f"{group.name} this process was drawing (each finished shard is in "
+              f"{store.directory} and its manifest); rerun the same command to resume")
         ids = np.asarray(list(store.shard_labels(s)), np.int64)
         labels = np.repeat(ids, group.counts[ids])
         indices = np.concatenate([np.arange(c) for c in group.counts[ids]]).astype(np.int64)
@@ -272,9 +279,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   drawer = Drawer(config, run2, mesh, rules, pose_model, pool)
   timings, drawn_here = {}, {}
   for group in groups:
+    preemption.check("between groups, before drawing " + group.name)
     t0 = time.time()
     drawn_here[group.name] = drawer.draw(group)[1]
     timings[group.name] = time.time() - t0
+  preemption.check("after drawing, before the audit and the export")
   parallel.sync("generate:drawn")
   drawn = int(sum(g.counts.sum() for g in groups))
   summary: dict[str, Any] = {

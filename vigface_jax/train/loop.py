@@ -4,7 +4,9 @@ Its `config.train` fields are declared by `config_lib.train_config` (what each d
 written there) and checked by `validate`.
 
 A non-finite loss or gradient leaves the state unchanged, stops the run with
-`TrainingDiverged` and keeps the last good checkpoint.
+`TrainingDiverged` and keeps the last good checkpoint. A stop request (`preemption`: SIGTERM,
+SIGINT) ends the run after the current step with a committed checkpoint of it and
+`preemption.Preempted`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from vigface_jax import config_lib
 from vigface_jax import metrics as metrics_lib
 from vigface_jax import parallel
+from vigface_jax import preemption
 from vigface_jax.evaluate import common as evaluators_lib
 from vigface_jax.train import checkpoint as checkpoint_lib
 from vigface_jax.train import optim
@@ -56,11 +59,16 @@ def validate(train: config_lib.Fields) -> None:
   if profile and (len(profile) != 2 or not 0 < profile[0] <= profile[1]):
     train.fail("profile_steps", "() or (start, stop) with 0 < start <= stop", profile)
   train.float("peak_tflops_per_device", 0.0)
+  train.int("skip_nonfinite", 0)
 
 
 def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Means over the window's steps; a skipped (non-finite) step counts only in `finite`."""
   fetched = jax.device_get(window)
-  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  good = [m for m in fetched if float(m["finite"]) > 0]
+  out = {k: float(np.mean([m[k] for m in good])) for k in fetched[0]} if good else {}
+  out["finite"] = float(np.mean([m["finite"] for m in fetched]))
+  return out
 
 
 @dataclasses.dataclass
@@ -93,7 +101,8 @@ def make_trainer(config: Any, mesh: Mesh, create_model: Callable[[nnx.Rngs], nnx
   batch_sharding = parallel.batch_sharding(mesh, rules)
   step = state_lib.make_train_step(setup.graphdef, loss_fn, tx, setup.shardings,
                                    batch_sharding, ema_decay=ema_decay,
-                                   ema_warmup=bool(train.ema_warmup), trainable=trainable)
+                                   ema_warmup=bool(train.ema_warmup), trainable=trainable,
+                                   skip_nonfinite=int(train.get("skip_nonfinite", 0)) > 0)
   return Trainer(tx=tx, schedule=schedule, state=state, setup=setup, step=step,
                  batch_sharding=batch_sharding)
 
@@ -162,6 +171,8 @@ def fit(
   tick, tick_step, profiling = time.perf_counter(), start, False
   flops = None  # per step, from XLA's cost analysis of the step (0 when unavailable)
   peak = peak_flops_per_second(train.peak_tflops_per_device)
+  multi = jax.process_count() > 1  # every process asks at every step: they stop together
+  check_finite = _FiniteGuard(int(train.get("skip_nonfinite", 0)), ckpt)
   if start:
     logging.info("resuming at step %d of %d", start, num_steps)
   try:
@@ -180,16 +191,18 @@ def fit(
         jax.block_until_ready(m)
         tick, tick_step = time.perf_counter(), step
       if pending is not None:
-        _check_finite(*pending, ckpt)
+        check_finite(*pending)
       pending = (step, m)
       if profiling and step >= int(profile[1]):
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
         profiling = False
       if step % log_every == 0 or step == num_steps:
-        _check_finite(*pending, ckpt)
+        check_finite(*pending)
         last = _mean_metrics(window)
         last["lr"] = float(schedule(step - 1))
+        if check_finite.limit:
+          last["skipped_steps"] = float(check_finite.skipped)
         if step > tick_step:  # not on a window holding only the compiling first step
           seconds = (time.perf_counter() - tick) / (step - tick_step)
           last.update(step_time_s=seconds, images_per_s=images_per_step / seconds)
@@ -201,14 +214,24 @@ def fit(
         writer.write_scalars(step, train_last)
         window, tick, tick_step = [], time.perf_counter(), step
       if ckpt_every and step % ckpt_every == 0 and step != num_steps:
-        _check_finite(*pending, ckpt)  # never save a step that did not update
+        check_finite(*pending)  # never save a step that did not update
         ckpt.save(step, state, checkpoint_data)
       if step == num_steps:  # before the end-of-training evaluations: a failing one loses none
-        _check_finite(*pending, ckpt)
+        check_finite(*pending)
         ckpt.save(num_steps, state, checkpoint_data, force=True)
       t0 = time.perf_counter()
       eval_last.update(evaluators_lib.run_due(evaluators, step, num_steps, state, writer))
       tick += time.perf_counter() - t0  # evaluation time is not training time
+      if step != num_steps and preemption.requested(sync=multi):
+        check_finite(*pending)  # a non-finite step is not saved: the last good one stays
+        ckpt.wait()  # a periodic save of this step may still be in flight
+        if ckpt.latest_step() != step:
+          ckpt.save(step, state, checkpoint_data, force=True)
+          ckpt.wait()  # committed before the process may go
+        raise preemption.Preempted(
+            f"stopped on {preemption.signal_name() or 'a signal to another process'} after "
+            f"step {step} of {num_steps}; checkpoint {step} is committed in {ckpt.directory}: "
+            "rerun the same command to resume from it")
     if start == num_steps > 0:
       # Already trained (e.g. an end-of-training evaluation failed after the last checkpoint):
       # evaluate the final checkpoint again rather than return without figures.
@@ -263,14 +286,34 @@ def _step_flops(step_fn, state, batch) -> float:
   return flops_of(lowered)
 
 
-def _check_finite(step: int, m: dict[str, jax.Array], ckpt: checkpoint_lib.Checkpointer) -> None:
-  if float(m["finite"]) > 0:
-    return
-  ckpt.wait()
-  good = ckpt.latest_step()
-  raise TrainingDiverged(
-      f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-      f"grad_norm={float(m['grad_norm'])}); training stopped. The last good checkpoint is "
-      f"{'step ' + str(good) if good is not None else 'none'} in {ckpt.directory}; lower "
-      "optim.lr, set optim.grad_clip_norm or lengthen optim.warmup_steps, then rerun with the "
-      "same --workdir to resume from it.")
+class _FiniteGuard:
+  """Reads each step's `finite` once: skips up to `limit` non-finite steps in a row (the step
+  already left the parameters alone), then stops with `TrainingDiverged`."""
+
+  def __init__(self, limit: int, ckpt: checkpoint_lib.Checkpointer):
+    self.limit, self.ckpt = int(limit), ckpt
+    self.checked, self.in_a_row, self.skipped = 0, 0, 0
+
+  def __call__(self, step: int, m: dict[str, jax.Array]) -> None:
+    if step <= self.checked:
+      return
+    self.checked = step
+    if float(m["finite"]) > 0:
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    if self.in_a_row <= self.limit:
+      self.skipped += 1
+      logging.warning("non-finite loss or gradient at step %d (loss=%s): update skipped, %d in "
+                      "a row of at most %d (train.skip_nonfinite)", step, float(m["loss"]),
+                      self.in_a_row, self.limit)
+      return
+    self.ckpt.wait()
+    good = self.ckpt.latest_step()
+    row = f" ({self.in_a_row} in a row; train.skip_nonfinite={self.limit})" if self.limit else ""
+    raise TrainingDiverged(
+        f"non-finite loss or gradient at step {step}{row} (loss={float(m['loss'])}, "
+        f"grad_norm={float(m['grad_norm'])}); training stopped. The last good checkpoint is "
+        f"{'step ' + str(good) if good is not None else 'none'} in {self.ckpt.directory}; lower "
+        "optim.lr, set optim.grad_clip_norm or lengthen optim.warmup_steps, then rerun with the "
+        "same --workdir to resume from it.")

@@ -205,13 +205,15 @@ def make_train_step(
     ema_decay: float = 0.0,
     ema_warmup: bool = False,
     trainable: Any = nnx.Param,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted step `(state, batch) -> (state, metrics)`; `state` is donated.
 
   Metrics always include `loss`, `grad_norm` (before clipping) and `finite` (1.0 when the
-  loss, the gradient norm and the update norm are finite). A non-finite step changes nothing: the returned
-  state equals the input (step not incremented), so the caller can stop and keep the last
-  good checkpoint.
+  loss, the gradient norm and the update norm are finite). A non-finite step changes nothing:
+  the returned state equals the input (step not incremented), so the caller can stop and keep
+  the last good checkpoint; with `skip_nonfinite` only the step counter moves on (the batch is
+  skipped: parameters, optimizer state and EMA stay).
   """
   replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
 
@@ -239,6 +241,8 @@ def make_train_step(
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
               & jnp.isfinite(optax.tree.norm(updates)))
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    if skip_nonfinite:
+      new = new.replace(step=state.step + 1)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                    finite=finite.astype(jnp.float32))
     return new, metrics
