@@ -125,3 +125,17 @@ def fr_tiny_command(workdir, num_steps: int, *overrides: str) -> list[str]:
           f"--workdir={workdir}", f"--config.train.num_steps={num_steps}",
           "--config.train.log_every=1", "--config.evals.verify.every=-1",
           "--config.evals.verify.baselines=False", *overrides]
+
+
+def stop_and_read(procs, logs) -> list[str]:
+  """Kills whichever of `procs` still run, then returns and closes each one's log file."""
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  outputs = []
+  for log in logs:
+    log.seek(0)
+    outputs.append(log.read())
+    log.close()
+  return outputs

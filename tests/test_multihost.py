@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from conftest import stop_and_read
 from vigface_jax.evaluate import prototypes
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -126,15 +127,7 @@ def _run_processes(workdir: pathlib.Path, logdir: pathlib.Path, child: str = _CH
         break
       time.sleep(0.2)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  outputs = []
-  for log in logs:
-    log.seek(0)
-    outputs.append(log.read())
-    log.close()
+    outputs = stop_and_read(procs, logs)
   timed_out = time.monotonic() > deadline
   failed = [i for i, (p, out) in enumerate(zip(procs, outputs))
             if p.returncode != 0 or not out.rstrip().endswith("OK")]

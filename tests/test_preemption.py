@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-from conftest import cli_env, fr_tiny_command
+from conftest import cli_env, fr_tiny_command, stop_and_read
 import pytest
 
 from vigface_jax import preemption
@@ -155,3 +156,37 @@ def test_sigterm_during_generation_finishes_the_shard_and_the_rerun_completes(
   summary = task.run(config(), cut)
   assert summary["drawn_this_run"]["dataset"] == 2 * (len(want) - len(written))
   assert helpers._shard_digests(cut) == want  # pylint: disable=protected-access
+
+
+def test_two_processes_stop_at_the_same_step_when_one_is_signalled(tmp_path):
+  """SIGTERM to process 1 of a 2-process stage-1 job: both processes stop after the same step
+  (they agree through an all-gather of the stop flag every step), both exit 75, and the
+  checkpoint of that step is committed."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / "run"
+  procs, logs = [], []
+  for i in range(2):
+    env = dict(cli_env(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i))
+    env = {k: v for k, v in env.items() if "_proxy" not in k.lower()}
+    log = open(tmp_path / f"process_{i}.log", "w+")
+    logs.append(log)
+    procs.append(subprocess.Popen(
+        fr_tiny_command(workdir, 200, "--config.train.checkpoint_every=0"), env=env,
+        cwd=_REPO, stdout=log, stderr=subprocess.STDOUT, text=True))
+  try:
+    _wait_for_step(workdir, procs[0], 3, timeout=300)
+    procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+      p.wait(timeout=120)
+  finally:
+    outputs = stop_and_read(procs, logs)
+  assert [p.returncode for p in procs] == [preemption.EXIT_PREEMPTED] * 2, outputs[0][-3000:]
+  steps = [int(re.search(r"after step (\d+) of 200", out).group(1)) for out in outputs]
+  assert steps[0] == steps[1] >= 3, steps
+  assert "SIGTERM received" in outputs[1] and "SIGTERM received" not in outputs[0]
+  assert "a signal to another process" in outputs[0]
+  assert (workdir / "checkpoints" / str(steps[0])).is_dir()

@@ -415,3 +415,20 @@ def test_nonfinite_steps_are_skipped_up_to_the_limit_then_training_stops(tmp_pat
     loop.fit(_toy_config(6, skip_nonfinite=2), str(tmp_path / "c"), mesh=_mesh(),
              create_model=_Toy, loss_fn=_toy_loss,
              data=_toy_batches([1, np.inf, np.inf, np.inf, 1, 1]), images_per_step=4)
+
+
+class _WiderToy(nnx.Module):
+  """`_Toy` with another architecture: a hidden layer its checkpoints do not have."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.dense = nnx.Linear(3, 1, rngs=rngs)
+    self.extra = nnx.Linear(3, 2, rngs=rngs)
+
+
+def test_a_checkpoint_of_another_architecture_is_a_config_error(tmp_path):
+  loop.fit(_toy_config(2), str(tmp_path), mesh=_mesh(), create_model=_Toy, loss_fn=_toy_loss,
+           data=_toy_batches([1, 1]), images_per_step=4)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"checkpoint 2 in .*checkpoints does not match this run's model"):
+    loop.fit(_toy_config(4), str(tmp_path), mesh=_mesh(), create_model=_WiderToy,
+             loss_fn=_toy_loss, data=_toy_batches([1, 1]), images_per_step=4)

@@ -17,6 +17,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from vigface_jax import config_lib
+from vigface_jax import metrics
 from vigface_jax import parallel
 from vigface_jax import preemption
 from vigface_jax import tasks
@@ -65,6 +66,10 @@ def main(argv: list[str]) -> None:
     logging.warning("%s", e)
     sys.stderr.write(f"vigface_jax: {e}\n")
     sys.exit(preemption.EXIT_PREEMPTED)
+  except metrics.StorageError as e:  # disk full, unwritable workdir: exit 74 (EX_IOERR)
+    logging.error("%s", e)
+    sys.stderr.write(f"vigface_jax: {e}\n")
+    sys.exit(74)
   except ConfigError as e:
     logging.error("%s", e)
     sys.stderr.write(f"vigface_jax: {e}\n")

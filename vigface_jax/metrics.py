@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping
+import uuid
+from typing import Any, Callable, Mapping
 
 from absl import logging
 import jax
@@ -44,13 +45,66 @@ def _json_ready(value: Any) -> Any:
   return value
 
 
+class StorageError(OSError):
+  """An output could not be written (disk full, read-only or unwritable workdir, a bucket
+  refusing the write). Nothing was left half-written; earlier outputs are intact."""
+
+
+def storage_error(path: Any, e: BaseException, what: str = "") -> StorageError:
+  """The `StorageError` for a failed write of `path` (`what` says what it was)."""
+  reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+  return StorageError(getattr(e, "errno", None) or 0,
+                      f"cannot write {what or os.fspath(path)} ({reason}); nothing was left "
+                      "half-written and earlier checkpoints, shards and reports are intact: "
+                      "free space or make the workdir writable, then rerun the same command",
+                      os.fspath(path))
+
+
+def _fsync_dir(directory: str) -> None:
+  """Makes a rename in `directory` durable (best effort: not every filesystem allows it)."""
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+  except OSError:
+    pass
+
+
+def temp_path(path: str) -> str:
+  """A fresh temporary name beside `path`: `.<name>.tmp-<hex>` (what `cleanup` removes)."""
+  directory, name = os.path.split(path)
+  return os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Any], None]) -> None:
+  """Writes `data` (or calls `data(file)`) into a temporary file beside `path`, fsyncs it and
+  renames it into place; a failed write removes it and raises `StorageError`."""
+  path = os.fspath(path)
+  tmp = temp_path(path)
+  try:
+    with open(tmp, "wb") as f:
+      if callable(data):
+        data(f)
+      else:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    if isinstance(e, OSError):
+      raise storage_error(path, e) from e
+    raise
+  _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def write_json(path: str | os.PathLike, content: Any) -> None:
-  """Writes JSON atomically (temp file + rename): a reader never sees half a file."""
-  tmp = f"{os.fspath(path)}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(_json_ready(content), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  """Writes JSON atomically (`atomic_write`): a reader never sees half a file, and a failed
+  write (StorageError) leaves the previous file as it was."""
+  atomic_write(path, json.dumps(_json_ready(content), indent=2, sort_keys=True) + "\n")
 
 
 class MetricWriter:

@@ -1,11 +1,11 @@
 """The resumable shard store of a generation run, its random-access source, and the manifest.
 
-Stage 3 draws `num_ids` identities (labels `0..num_ids-1`) x `images_per_id` images (or the
-spec's `counts`, per identity, in augment mode). The labels are cut into shards of `ids_per_shard` identities (shard `s` = labels `[s*P, min((s+1)*P,
-num_ids))`), a size that depends on nothing but the spec, so a run can be resumed with another
-device count, batch size or number of processes. Each process writes the shards with
-`s % num_processes == process_index`; a shard once written is never written again unless it
-fails its checksum. Everything lives under `WORKDIR/shards/`:
+Stage 3 draws `num_ids` identities (labels `0..num_ids-1`) x `images_per_id` images (or the spec's
+`counts`, per identity, in augment mode). The labels are cut into shards of `ids_per_shard`
+identities (shard `s` = labels `[s*P, min((s+1)*P, num_ids))`), a size that depends on nothing but
+the spec, so a run can be resumed with another device count, batch size or number of processes. Each
+process writes the shards with `s % num_processes == process_index`; a shard once written is never
+written again unless it fails its checksum. Everything lives under `WORKDIR/shards/`:
 
   spec.json          the run's settings (`ShardStore(spec=...)`); a later run with other settings
                      is refused, so two runs' shards are never mixed.
@@ -39,14 +39,14 @@ import math
 import os
 import re
 import struct
-import uuid
 import zipfile
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from absl import logging
 import numpy as np
 from PIL import Image
 
+from vigface_jax.metrics import atomic_write  # the store's writes; export.py uses it too
 from vigface_jax.data import codec
 
 IMAGE_SIZE = 112
@@ -102,45 +102,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     while block := f.read(chunk):
       digest.update(block)
   return digest.hexdigest()
-
-
-def _fsync_dir(directory: str) -> None:
-  """Makes a rename in `directory` durable (best effort: not every filesystem allows it)."""
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-  except OSError:
-    pass
-
-
-def temp_path(path: str) -> str:
-  """A fresh temporary name beside `path`: `.<name>.tmp-<hex>` (what `cleanup` removes)."""
-  directory, name = os.path.split(path)
-  return os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Any], None]) -> None:
-  """Writes `data` (or calls `data(file)`) into a temporary file beside `path`, fsyncs it and
-  renames it into place."""
-  path = os.fspath(path)
-  tmp = temp_path(path)
-  try:
-    with open(tmp, "wb") as f:
-      if callable(data):
-        data(f)
-      else:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def dumps(value: Any) -> str:

@@ -25,6 +25,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from vigface_jax import config_lib
+from vigface_jax import metrics
 from vigface_jax.train import state as state_lib
 
 
@@ -33,7 +35,14 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self._manager = ocp.CheckpointManager(
+    self._reported = False  # a failed save was raised already (close() does not repeat it)
+    try:
+      self._manager = self._open(max_to_keep, async_save)
+    except (OSError, ValueError) as e:
+      raise metrics.storage_error(self.directory, e, f"checkpoints into {self.directory}") from e
+
+  def _open(self, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
@@ -54,7 +63,10 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # pylint: disable=broad-except  # Orbax/tensorstore raise many kinds
+      raise self._failed(step, e) from e
     if saved:
       logging.info("checkpoint %d -> %s", step, self.directory)
     return saved
@@ -72,7 +84,8 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, FileNotFoundError) as e:
-      raise ValueError(
+      # A ConfigError (a ValueError): the command line reports it in one line, exit code 2.
+      raise config_lib.ConfigError(
           f"checkpoint {step} in {self.directory} does not match this run's model/optimizer "
           f"({e}); use a new --workdir or the config the checkpoint was written with") from e
     if relayout:
@@ -100,8 +113,31 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are committed."""
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # a background save failed
+      raise self._failed(None, e) from e
+
+  def _failed(self, step: int | None, e: BaseException) -> metrics.StorageError:
+    """The error for a save that failed: which step, and which checkpoint is the last good."""
+    try:
+      last = self._manager.latest_step()
+    except Exception:  # pylint: disable=broad-except
+      last = None
+    kept = f"step {last}" if last is not None else "none"
+    self._reported = True
+    err = metrics.storage_error(
+        self.directory, e, f"checkpoint {step if step is not None else '(in flight)'} into "
+        f"{self.directory}; the last committed checkpoint is {kept}")
+    return err
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves (a failure raises, unless one was already reported) and closes."""
+    try:
+      self.wait()
+    except metrics.StorageError:
+      if not self._reported:
+        raise
+      logging.warning("checkpointing had already failed; closing without the pending saves")
+    finally:
+      self._manager.close()
