@@ -41,9 +41,8 @@ _received: list[int] = []  # the signals received since `watch` was entered
 
 
 class Preempted(RuntimeError):
-  """The job stopped at a safe point because it was asked to; rerun to resume."""
-
-  exit_code = EXIT_PREEMPTED
+  """The job stopped at a safe point because it was asked to; rerun to resume (`main` exits
+  with `EXIT_PREEMPTED`)."""
 
 
 def _handler(signum: int, frame) -> None:  # pylint: disable=unused-argument

@@ -276,9 +276,8 @@ def _scan(x: np.ndarray, n: int, block: int, *, nearest: bool
 def _first_other(sims: np.ndarray, index: np.ndarray, rows: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
   """Per row, the best of its `[N, 2]` neighbours that is not the row itself (-1/NaN: none)."""
-  own = index == rows[:, None]
-  pick = np.where(own[:, 0], 1, 0)
-  ok = (pick < index.shape[1]) & ~own[np.arange(len(rows)), np.minimum(pick, index.shape[1] - 1)]
+  pick = (index[:, 0] == rows).astype(np.int64)  # skip the row itself when it comes first
+  ok = pick < index.shape[1]  # indices are distinct: the next one is another row
   pick = np.minimum(pick, index.shape[1] - 1)
   idx = index[np.arange(len(rows)), pick]
   cos = sims[np.arange(len(rows)), pick]

@@ -228,10 +228,9 @@ class Drawer:
       for done, s in enumerate(todo):
         if done and preemption.requested():  # the shard before this one is written, then stop
           writing.result()
-          raise preemption.Preempted(
-              f"stopped on {preemption.signal_name()} after {done} of the {len(todo)} shards of "
-              f"{group.name} this process was drawing (each finished shard is in "
-              f"{store.directory} and its manifest); rerun the same command to resume")
+          preemption.check(f"after {done} of the {len(todo)} shards of {group.name} this "
+                           f"process was drawing (each finished shard is in {store.directory} "
+                           "and its manifest)")
         ids = np.asarray(list(store.shard_labels(s)), np.int64)
         labels = np.repeat(ids, group.counts[ids])
         indices = np.concatenate([np.arange(c) for c in group.counts[ids]]).astype(np.int64)

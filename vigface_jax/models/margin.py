@@ -123,17 +123,12 @@ class ClassCentres(nnx.Module):
     """Real + virtual classes (padding columns excluded)."""
     return self.num_real + self.num_virtual
 
-  @property
-  def num_columns(self) -> int:
-    """Columns of `weight`: the classes plus the padding that lets the class axis split evenly."""
-    return self.num_classes + self.num_padding
-
   def normalized(self) -> jax.Array:
-    """Column-L2-normalised centres, float32 `[embed_dim, num_columns]`."""
+    """Column-L2-normalised centres, float32 `[embed_dim, n + k + padding]`."""
     return l2_normalize(self.weight[...], axis=0)
 
   def __call__(self, emb: jax.Array) -> jax.Array:
-    """Cosines `[batch, num_columns]` of (normalised) `emb [batch, embed_dim]`."""
+    """Cosines `[batch, n + k + padding]` of (normalised) `emb [batch, embed_dim]`."""
     return cosines(emb, self.normalized())
 
 

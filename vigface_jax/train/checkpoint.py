@@ -126,10 +126,9 @@ class Checkpointer:
       last = None
     kept = f"step {last}" if last is not None else "none"
     self._reported = True
-    err = metrics.storage_error(
+    return metrics.storage_error(
         self.directory, e, f"checkpoint {step if step is not None else '(in flight)'} into "
         f"{self.directory}; the last committed checkpoint is {kept}")
-    return err
 
   def close(self) -> None:
     """Waits for pending saves (a failure raises, unless one was already reported) and closes."""

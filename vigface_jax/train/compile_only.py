@@ -176,22 +176,20 @@ def compile_train_step(config: Any, *, mesh: Mesh, create_model: Callable[..., n
 
 def compile_sampler(config: Any, mesh: Mesh, setup: state_lib.Setup, schedule: Any,
                     embed_dim: int) -> dict[str, Any]:
-  """Lowers and compiles the generator's sampler (`generate.sampling.make_sampler`, as stage 3
+  """Lowers and compiles the generator's sampler (`generate.sampling.Generator`, as stage 3
   runs it: per-image keys, the unguided half skipped outside the guidance interval) for the
   stage-2 model of `setup` on `mesh`, one call of `sample.batch_size` images (rounded up to the
   batch shards); returns its figures. Nothing is initialised: the state is `setup.abstract`."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from vigface_jax.generate import sampling  # pylint: disable=g-import-not-at-top
   from vigface_jax.models import stage2  # pylint: disable=g-import-not-at-top
-  rules = config.sharding_rules
-  shards = parallel.batch_axis_size(mesh, rules)
-  b = -(-int(config.sample.batch_size) // shards) * shards
   settings = dataclasses.replace(sampling.SamplerSettings.from_config(config),
                                  skip_unguided=True)
-  sample = sampling.make_sampler(setup.graphdef, schedule, settings, mesh=mesh,
-                                 state_shardings=setup.shardings, rules=rules,
+  generator = sampling.Generator(setup.graphdef, schedule, settings,
+                                 batch_size=int(config.sample.batch_size), mesh=mesh,
+                                 state_shardings=setup.shardings, rules=config.sharding_rules,
                                  per_example_keys=True)
-  batch = parallel.batch_sharding(mesh, rules)
+  b, batch = generator.batch_size, parallel.batch_sharding(mesh, config.sharding_rules)
   size = stage2.OUTPUT_SIZE
   sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   args = (setup.abstract.params, setup.abstract.rest,
@@ -200,7 +198,7 @@ def compile_sampler(config: Any, mesh: Mesh, setup: state_lib.Setup, schedule: A
           sds((b, 2), jax.numpy.uint32, batch),
           sds((), jax.numpy.float32, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
   t0 = time.perf_counter()
-  lowered = sample.lower(*args)
+  lowered = generator.sample.lower(*args)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
