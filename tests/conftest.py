@@ -139,3 +139,15 @@ def stop_and_read(procs, logs) -> list[str]:
     outputs.append(log.read())
     log.close()
   return outputs
+
+
+@pytest.fixture(scope="session")
+def tiny_generation_reference(tiny_stage_runs, tmp_path_factory):
+  """An uninterrupted `configs/generate.py:tiny` run with one identity per shard (what the
+  interrupted runs of the preemption, fault-injection and storage tests must equal): its
+  workdir and its dataset shards' sha256s. Read only."""
+  import test_generate as helpers  # pylint: disable=g-import-not-at-top
+  from vigface_jax.generate import task  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("generation_reference")
+  task.run(helpers._config(tiny_stage_runs, ids_per_shard=1), str(workdir))  # pylint: disable=protected-access
+  return workdir, helpers._shard_digests(str(workdir))  # pylint: disable=protected-access

@@ -183,33 +183,34 @@ def _finished_shards(workdir: pathlib.Path) -> int:
       if shards.exists() else 0
 
 
-def test_sigkill_during_generation_then_the_same_checksums(tiny_stage_runs, tmp_path):
+def test_sigkill_during_generation_then_the_same_checksums(tiny_stage_runs,
+                                                           tiny_generation_reference, tmp_path):
   """Generation killed while a file (a shard, its record, the spec) is being written under its
   temporary name (twice) and at a random moment, then rerun: the dataset's shards have the
   uninterrupted run's checksums, nothing partial is ever listed or exported, no temporary file
   survives."""
   import test_generate as helpers  # pylint: disable=g-import-not-at-top
-  from vigface_jax.generate import task  # pylint: disable=g-import-not-at-top
-  whole = tmp_path / "whole"
-  task.run(helpers._config(tiny_stage_runs, ids_per_shard=1), str(whole))  # pylint: disable=protected-access
-  want = helpers._shard_digests(str(whole))  # pylint: disable=protected-access
+  whole, want = tiny_generation_reference
 
   work = tmp_path / "killed"
   rng = np.random.default_rng(_SEED)
   outcomes = []
   for i in range(_GEN_KILLS):
+    leftovers = set(_temporaries(work))  # cut off by the last kill: not this run's writes
     proc = subprocess.Popen(_gen_command(tiny_stage_runs, work), env=cli_env(), cwd=_REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     during_write = i < 2
-    wait_for = _finished_shards(work) + int(rng.integers(0, 2))
+    # Kill after one more finished shard or two, never after the last: the job must still be
+    # drawing, or it could finish before the kill.
+    wait_for = min(_finished_shards(work) + int(rng.integers(0, 2)), len(want) - 2)
     in_write, deadline = False, time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-      if during_write and _temporaries(work):
+      if during_write and set(_temporaries(work)) - leftovers:
         proc.send_signal(signal.SIGKILL)
         in_write = True
         break
       if not during_write and _finished_shards(work) > wait_for:
-        time.sleep(float(rng.uniform(0.0, 0.2)))
+        time.sleep(float(rng.uniform(0.0, 0.05)))
         proc.send_signal(signal.SIGKILL)
         break
       time.sleep(0.002)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from typing import Any, Callable, Mapping
 
@@ -72,10 +73,25 @@ def _fsync_dir(directory: str) -> None:
     pass
 
 
+TEMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp-[0-9a-f]+$")  # what `temp_path` names
+
+
 def temp_path(path: str) -> str:
   """A fresh temporary name beside `path`: `.<name>.tmp-<hex>` (what `cleanup` removes)."""
   directory, name = os.path.split(path)
   return os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[str]:
+  """Removes the temporary files a killed `atomic_write` left directly in `directory`
+  (`.<name>.tmp-<hex>`); returns their paths. Call it before this process writes there."""
+  directory = os.fspath(directory)
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  removed = [os.path.join(directory, n) for n in names if TEMP_RE.match(n)]
+  for path in removed:
+    if os.path.isfile(path):
+      os.remove(path)
+  return removed
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Any], None]) -> None:

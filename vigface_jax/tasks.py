@@ -62,6 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
+    metrics.remove_temporaries(workdir)  # a write a kill cut off (config.json, summary.json)
     metrics.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   logging.info("task %s, workdir %s\n%s", config.task, workdir, config)
   return task_fn(config, workdir)

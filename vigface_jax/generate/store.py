@@ -46,7 +46,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from vigface_jax.metrics import atomic_write  # the store's writes; export.py uses it too
+from vigface_jax.metrics import TEMP_RE as _TMP_RE, atomic_write  # export.py uses it too
 from vigface_jax.data import codec
 
 IMAGE_SIZE = 112
@@ -57,7 +57,6 @@ MANIFEST_FILE = "manifest.json"
 IMAGE_FORMATS = ("png", "jpeg")
 _REQUIRED_SPEC = ("num_ids", "images_per_id", "ids_per_shard")
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
-_TMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp-[0-9a-f]+$")
 _SHARD_RE = re.compile(r"^shard-(?P<s>\d{5,})\.(npz|json)$")
 _EXTRA_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
