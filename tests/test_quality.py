@@ -133,3 +133,26 @@ def test_bad_inputs_name_what_is_missing(tmp_path):
     quality.run(config, str(tmp_path / "w"))
   with pytest.raises(config_lib.ConfigError, match="control"):
     quality.run(_config(gen, control="typo"), str(tmp_path / "w"))
+
+
+def test_a_stopped_row_resumes_its_fr_run_instead_of_starting_over(rows, tmp_path):
+  """A stop request during the real recipe's training: the trainer stops after its step with
+  a committed checkpoint; the rerun resumes that run (it is not deleted and restarted) and
+  the row equals the uninterrupted one."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from vigface_jax import preemption  # pylint: disable=g-import-not-at-top
+  gen = _fake_generation(tmp_path / "gen")
+  work = tmp_path / "work"
+  with preemption.watch():
+    preemption._received.append(signal.SIGTERM)  # pylint: disable=protected-access  # as the handler does
+    with pytest.raises(preemption.Preempted, match="SIGTERM"):
+      tasks.run(_config(gen, name="fake", note="planted"), str(work))
+  stopped_at = sorted(int(d) for d in os.listdir(work / "real" / "checkpoints") if d.isdigit())
+  assert stopped_at == [1] and not (work / "real" / "summary.json").exists()
+  assert not (work / "rows" / "fake" / "fr").exists()  # the next unit never started
+  (work / "real" / "marker").write_text("the stopped run's directory")
+  row = tasks.run(_config(gen, name="fake", note="planted"), str(work))
+  assert (work / "real" / "marker").exists()  # resumed in place, not deleted and restarted
+  want = rows[1]
+  assert row["accuracy_real"] == want["accuracy_real"]
+  assert row["accuracy_generated"] == want["accuracy_generated"]

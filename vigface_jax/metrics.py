@@ -50,6 +50,9 @@ class StorageError(OSError):
   """An output could not be written (disk full, read-only or unwritable workdir, a bucket
   refusing the write). Nothing was left half-written; earlier outputs are intact."""
 
+  def __str__(self) -> str:  # the message alone: no "[Errno N]" prefix, no repeated path
+    return str(self.strerror)
+
 
 def storage_error(path: Any, e: BaseException, what: str = "") -> StorageError:
   """The `StorageError` for a failed write of `path` (`what` says what it was)."""

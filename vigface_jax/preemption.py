@@ -95,7 +95,11 @@ def requested(sync: bool = False) -> bool:
   return bool(np.max(flags))
 
 
-def check(where: str) -> None:
-  """Raises `Preempted` if a stop was asked for; `where` says what finished last."""
-  if _received:
+def check(where: str, sync: bool = False) -> None:
+  """Raises `Preempted` if a stop was asked for; `where` says what finished last. With `sync`
+  every process stops if any was asked (see `requested`; all must call it at the same point)."""
+  if requested(sync):
+    if not _received:
+      raise Preempted(f"stopped {where}: another process was asked to stop; rerun the same "
+                      "command to resume")
     raise Preempted(f"stopped on {signal_name()} {where}; rerun the same command to resume")

@@ -30,6 +30,7 @@ import numpy as np
 
 from vigface_jax import config_lib
 from vigface_jax import metrics as metrics_lib
+from vigface_jax import preemption
 from vigface_jax import tasks
 from vigface_jax.data import faces
 from vigface_jax.generate import report
@@ -105,16 +106,18 @@ def link_dataset(chosen: list[list[str]], root: str, control: str, seed: int) ->
 
 
 def _fr_run(fr: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the fr recipe in `workdir` unless a finished run of the same config is there."""
+  """Runs the fr recipe in `workdir`: a finished run of the same config is reused, a stopped
+  one (preempted, killed) resumed from its checkpoints, another recipe's run replaced."""
   summary, saved = os.path.join(workdir, "summary.json"), os.path.join(workdir, "config.json")
-  if os.path.exists(summary) and os.path.exists(saved):
+  same = False
+  if os.path.exists(saved):
     with open(saved) as fh:
       same = json.load(fh) == json.loads(json.dumps(fr.to_dict(), default=str))
-    if same:
-      with open(summary) as fh:
-        logging.info("quality: reusing the finished fr run in %s", workdir)
-        return json.load(fh)
-  if os.path.isdir(workdir):
+  if same and os.path.exists(summary):
+    with open(summary) as fh:
+      logging.info("quality: reusing the finished fr run in %s", workdir)
+      return json.load(fh)
+  if not same and os.path.isdir(workdir):
     shutil.rmtree(workdir)  # another recipe's run: its checkpoints must not be resumed
   return tasks.run(fr, workdir)
 
@@ -216,6 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     real_fr.data.num_identities, real_fr.data.images_per_identity = num_ids, per_id
     real_fr.data.identity_offset = int(config.real_offset)
   real = _fr_run(real_fr, os.path.join(workdir, "real"))
+  preemption.check("after the real recipe's run, before the generated one")
 
   data_dir = os.path.join(row_dir, "data")
   link_dataset(chosen, data_dir, config.control, int(config.control_seed))
@@ -237,9 +241,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   path = os.path.join(workdir, "quality.json")
   rows = [r for r in _json(path).get("rows", []) if r.get("name") != name] + [row]
   metrics_lib.write_json(path, {"rows": rows})
-  with open(os.path.join(workdir, "quality.md.tmp"), "w") as fh:
-    fh.write(table(rows))
-  os.replace(os.path.join(workdir, "quality.md.tmp"), os.path.join(workdir, "quality.md"))
+  metrics_lib.atomic_write(os.path.join(workdir, "quality.md"), table(rows).encode())
   logging.info("quality: %s: FR on generated %.4f, on real %.4f", name, acc_gen or -1,
                acc_real or -1)
   return row

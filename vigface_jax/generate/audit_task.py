@@ -27,6 +27,7 @@ import numpy as np
 from vigface_jax import config_lib
 from vigface_jax import metrics as metrics_lib
 from vigface_jax import parallel
+from vigface_jax import preemption
 from vigface_jax.data import faces
 from vigface_jax.data import pipeline
 from vigface_jax.generate import loading
@@ -112,11 +113,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_source = pipeline.build_source(train_data)
   train_labels = report.source_labels(train_source)
   leak_src, leak_idx, leak_true, gallery = _leak(config, train_data, train_source, train_labels)
+  # Units of work: each image set's embeddings; a stop request is honoured between them.
   training = report.reference(encs, train_source, gallery, "training images")
+  preemption.check("after embedding the training images", sync=True)
   heldout_src = report.heldout_source(config, train_data)
   heldout = report.reference(encs, heldout_src, np.arange(len(heldout_src)), "held-out people")
+  preemption.check("after embedding the held-out people", sync=True)
   leak_ref = report.reference(encs, leak_src, leak_idx, "leak control")
+  preemption.check("after embedding the leak control", sync=True)
   gen_ref = report.reference(encs, generated, np.arange(n_gen), "audited images")
+  preemption.check("after embedding the audited images, before the audit", sync=True)
   summary: dict[str, Any] = {"task": "audit", "images": int(n_gen),
                              "identities": int(len(np.unique(gen_labels))),
                              "encoders": list(encs)}

@@ -36,6 +36,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._reported = False  # a failed save was raised already (close() does not repeat it)
+    self._pending: int | None = None  # the asynchronous save not yet known to be committed
     try:
       self._manager = self._open(max_to_keep, async_save)
     except (OSError, ValueError) as e:
@@ -63,11 +64,15 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    # Orbax's save first waits for the previous asynchronous one; waiting here instead names
+    # that checkpoint, not this one, when its background write is what failed.
+    self.wait()
     try:
       saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # pylint: disable=broad-except  # Orbax/tensorstore raise many kinds
       raise self._failed(step, e) from e
     if saved:
+      self._pending = step
       logging.info("checkpoint %d -> %s", step, self.directory)
     return saved
 
@@ -116,7 +121,8 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except  # a background save failed
-      raise self._failed(None, e) from e
+      raise self._failed(self._pending, e) from e
+    self._pending = None
 
   def _failed(self, step: int | None, e: BaseException) -> metrics.StorageError:
     """The error for a save that failed: which step, and which checkpoint is the last good."""
