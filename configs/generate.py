@@ -51,6 +51,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.stage1.workdir = config_dict.placeholder(str)  # a finished configs/fr.py run
   config.stage2 = config_dict.ConfigDict()
   config.stage2.workdir = config_dict.placeholder(str)  # a finished configs/dit.py run
+  # Which of its weights draw: 'ema' (its EMA, as its evaluators) or 'raw' (the last step's).
+  config.stage2.weights = "ema"
 
   num_ids, per_id = SIZES.get(args.variant, (0, 0))
   if demo:
@@ -65,6 +67,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.augment_to = 50  # rows='real': top every class with fewer images up to this many
   # Which virtual rows: 'first' (rows 0..num_ids−1) or 'random' (a seeded choice among k).
   config.row_order = "random"
+  # Rows of that order skipped first. A tuning run (sampler settings chosen on people the
+  # headline never sees) sets row_offset = the headline's num_ids: disjoint rows, same seed.
+  config.row_offset = 0
   config.seed = 0  # noise, poses and row choice derive from it
   config.batch_size = 4 if tiny else (50 if demo else 256)  # images per sampler call (global)
   # Identities per shard: the unit of writing, checksumming and resuming.

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import textwrap
+import types
 
 import jax
 import numpy as np
@@ -273,6 +274,32 @@ def test_audit_task_on_an_export_and_on_a_dataset_without_labels(runs, generated
     audit_task.run(config, str(tmp_path / "audit3"))
 
 
+def test_the_audit_stops_between_its_embedding_passes(runs, generated, tmp_path, monkeypatch):
+  import signal  # pylint: disable=g-import-not-at-top
+  from vigface_jax import preemption  # pylint: disable=g-import-not-at-top
+  from vigface_jax.generate import report  # pylint: disable=g-import-not-at-top
+  config = audit_config.get_config("tiny")
+  config.dataset.path = os.path.join(generated[0], "recordio", "train.rec")
+  config.stage1.workdir = runs["stage1"]
+  config.audit.encoders = (runs["auditor"],)
+  real, passes = report.reference, []
+
+  def reference(*args, **kwargs):
+    passes.append(args[-1])
+    out = real(*args, **kwargs)
+    if len(passes) == 2:  # the signal arrives while the held-out people are embedded
+      preemption._received.append(signal.SIGTERM)  # pylint: disable=protected-access
+    return out
+
+  monkeypatch.setattr(report, "reference", reference)
+  with preemption.watch():
+    with pytest.raises(preemption.Preempted,
+                       match="stopped on SIGTERM after embedding the held-out people"):
+      audit_task.run(config, str(tmp_path / "audit"))
+  assert passes == ["training images", "held-out people"]  # nothing after the stop
+  assert not os.path.exists(tmp_path / "audit" / "summary.json")
+
+
 def test_augment_tops_real_classes_up_with_their_own_rows(runs, tmp_path):
   # Real rows; the tiny stage 1 has 16 classes × 8 images: top each up to 10 (2 new each)
   # for the first 3, and check a store with per-identity counts through a hand-made one.
@@ -334,3 +361,44 @@ def test_two_processes_each_draw_their_own_shards_of_the_same_dataset(runs, tmp_
     assert "1 to draw here" in out, out[-2000:]
   recs = [recordio.RecordIOSource(os.path.join(d, "recordio", "train.rec")) for d in (one, two)]
   assert [int(r["label"]) for r in recs[0]] == [int(r["label"]) for r in recs[1]]
+
+
+def test_row_offset_draws_rows_the_headline_never_sees():
+  """A tuning run (row_offset = the headline's num_ids) gets disjoint rows of the same order."""
+  s1 = types.SimpleNamespace(real=np.zeros((5, 3), np.float32), workdir="s1",
+                             virtual=np.arange(30 * 3, dtype=np.float32).reshape(30, 3))
+  for order in ("first", "random"):
+    config = generate_config.get_config("tiny")
+    config.row_order = order
+    config.num_ids = 10
+    head = task.plan_dataset(config, s1, None, "w")
+    config.row_offset = 10
+    tune = task.plan_dataset(config, s1, None, "w")
+    assert len(tune.row_ids) == 10 and not set(head.row_ids) & set(tune.row_ids), order
+    np.testing.assert_array_equal(tune.rows, s1.virtual[tune.row_ids - 5])
+    config.row_offset, config.num_ids = 20, 10
+    task.plan_dataset(config, s1, None, "w")  # exactly k rows used: fine
+    config.row_offset = 21
+    with pytest.raises(config_lib.ConfigError, match=r"num_ids=10 \+ row_offset=21.*k=30"):
+      task.plan_dataset(config, s1, None, "w")
+  config = generate_config.get_config("tiny")
+  config.num_ids, config.row_offset = 10, 0
+  first = task.plan_dataset(config, s1, None, "w").row_ids
+  # Offset 0 is the order every earlier run drew (the seeded permutation's first num_ids).
+  expected = np.sort(np.random.default_rng([0, 7]).permutation(30)[:10]) + 5
+  np.testing.assert_array_equal(first, expected)
+
+
+def test_stage2_weights_choose_the_ema_or_the_last_steps_own(runs):
+  from vigface_jax import parallel  # pylint: disable=g-import-not-at-top
+  from vigface_jax.generate import loading  # pylint: disable=g-import-not-at-top
+  s1 = loading.load_stage1(runs["stage1"])
+  mesh = parallel.create_mesh(("data", "fsdp", "model"), (1, 1, 1), devices=jax.devices()[:1])
+  ema = loading.load_stage2(runs["stage2"], s1, mesh)
+  raw = loading.load_stage2(runs["stage2"], s1, mesh, weights="raw")
+  a, b = jax.tree.leaves(ema.params), jax.tree.leaves(raw.params)
+  assert len(a) == len(b) and any(not np.array_equal(x, y) for x, y in zip(a, b))
+  config = _config(runs)
+  config.stage2.weights = "last"
+  with pytest.raises(config_lib.ConfigError, match="stage2.weights"):
+    task.validate(config)

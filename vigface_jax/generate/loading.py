@@ -99,8 +99,10 @@ class Stage2Run:
 
 def load_stage2(workdir: str, s1: Stage1, mesh: Mesh,
                 rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
-                field: str = "stage2.workdir") -> Stage2Run:
-  """Restores the latest checkpoint of a stage-2 run trained on `s1`'s real rows.
+                field: str = "stage2.workdir", weights: str = "ema") -> Stage2Run:
+  """Restores the latest checkpoint of a stage-2 run trained on `s1`'s real rows; `weights`
+  'ema' draws with its EMA (as its evaluators; the raw weights if it kept none), 'raw' with the
+  last step's own weights.
 
   Raises:
     ConfigError: no such run or checkpoint, or the run was trained on other stage-1 rows
@@ -139,6 +141,7 @@ def load_stage2(workdir: str, s1: Stage1, mesh: Mesh,
         "stage 1 the DiT was trained on, or retrain stage 2 on this one")
   schedule = schedules.make_schedule(config.diffusion.schedule, int(config.diffusion.timesteps))
   return Stage2Run(workdir=os.path.abspath(workdir), config=config, graphdef=setup.graphdef,
-                   params=state_lib.eval_params(state), rest=state.rest,
+                   params=state.params if weights == "raw" else state_lib.eval_params(state),
+                   rest=state.rest,
                    shardings=setup.shardings, schedule=schedule, step=int(step))
 

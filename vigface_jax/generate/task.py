@@ -63,11 +63,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   f = config_lib.Fields(config, "")
   f.sub("stage1").str("workdir", optional=True)
   f.sub("stage2").str("workdir", optional=True)
+  f.sub("stage2").choice("weights", ("ema", "raw"))
   rows = f.choice("rows", ("virtual", "real"))
   f.int("num_ids", 1, optional=rows == "real")
   f.int("images_per_id", 1, optional=rows == "real")
   f.int("augment_to", 1)
   f.choice("row_order", ("first", "random"))
+  f.int("row_offset", 0)
   f.int("seed", 0)
   f.int("batch_size", 1)
   f.int("ids_per_shard", 1)
@@ -118,15 +120,15 @@ def plan_dataset(config: ml_collections.ConfigDict, s1: loading.Stage1, source: 
   """The dataset's rows: `num_ids` virtual rows (or real rows in augment mode)."""
   n, k = s1.real.shape[0], s1.virtual.shape[0]
   if config.rows == "virtual":
-    num = int(config.num_ids)
-    if num > k:
+    num, skip = int(config.num_ids), int(config.get("row_offset", 0))
+    if num + skip > k:
       raise config_lib.ConfigError(
-          f"num_ids={num} is more than the k={k} virtual rows of stage1.workdir={s1.workdir} "
-          f"(its virtual.num_virtual): lower num_ids or train stage 1 with k ≥ {num}")
-    if config.row_order == "first":
-      chosen = np.arange(num)
-    else:
-      chosen = np.sort(np.random.default_rng([int(config.seed), 7]).permutation(k)[:num])
+          f"num_ids={num} + row_offset={skip} is more than the k={k} virtual rows of "
+          f"stage1.workdir={s1.workdir} (its virtual.num_virtual): lower num_ids or "
+          f"row_offset, or train stage 1 with k ≥ {num + skip}")
+    order = (np.arange(k) if config.row_order == "first"
+             else np.random.default_rng([int(config.seed), 7]).permutation(k))
+    chosen = np.sort(order[skip:skip + num])
     return Group("dataset", workdir, s1.virtual[chosen], n + chosen,
                  np.full(num, int(config.images_per_id), np.int64), config.pose.source,
                  "virtual")
@@ -268,7 +270,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rules = config.sharding_rules
   # Each process draws its own shards on its own devices.
   mesh = parallel.mesh_from_config(config, devices=jax.local_devices())
-  run2 = loading.load_stage2(config.stage2.workdir, s1, mesh, rules)
+  run2 = loading.load_stage2(config.stage2.workdir, s1, mesh, rules,
+                             weights=config.stage2.weights)
   train_source = pipeline.build_source(s1.config.data)
   dataset = plan_dataset(config, s1, train_source, workdir)
   pose_model, pool = report.fit_poses(config, train_source, workdir)
