@@ -331,8 +331,9 @@ def bench_pipelines() -> list[Row]:
 # ------------------------------------------------------------------ report
 
 
-def machine() -> dict[str, Any]:
-  """CPU, cores, memory, software versions, date and load of this machine."""
+def machine(start_backend: bool = True) -> dict[str, Any]:
+  """CPU, cores, memory, software versions, date and load of this machine (the JAX devices
+  only with `start_backend`: starting one takes an accelerator's memory from other processes)."""
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -356,7 +357,8 @@ def machine() -> dict[str, Any]:
       "jax": jax.__version__,
       "grain": importlib.metadata.version("grain"),
       "numpy": np.__version__,
-      "jax_devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+      "jax_devices": (f"{jax.device_count()} x {jax.devices()[0].platform}" if start_backend
+                      else "not started"),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
       "code": _code_version(),
@@ -490,6 +492,27 @@ def write_output(output: str, section: str, heading: str = SECTION) -> None:
   logging.info("Wrote %s to %s.", heading, path)
 
 
+def device_stats() -> dict[str, Any]:
+  """The first local device's platform and kind, and its peak and total memory in bytes where
+  the backend reports them (`Device.memory_stats()`: GPU and TPU; None on CPU)."""
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  # a backend without memory statistics
+    stats = {}
+  return {"platform": device.platform, "device_kind": device.device_kind,
+          "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+          "bytes_limit": stats.get("bytes_limit")}
+
+
+def write_json(path: str, record: dict[str, Any]) -> None:
+  """`record` and `device_stats()` (as `device`) as JSON at `path`, for a caller such as
+  `benchmarks/run.py`; numpy scalars become numbers."""
+  default = lambda x: x.item() if hasattr(x, "item") else str(x)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(dict(record, device=device_stats()), f, indent=2, default=default)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -513,8 +536,7 @@ def main(argv: list[str]) -> None:
                   "worker_counts", "num_batches", "batch_size", "warmup_batches",
                   "read_threads", "render_images", "repeats", "num_identities",
                   "images_per_identity", "seed", "flip_prob")}}
-    with open(_JSON.value, "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=2)
+    write_json(_JSON.value, record)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,9 @@ on CPU); median and best are reported.
 Threads: as `benchmarks/fr_step.py`: `torch.set_num_threads(--threads)`, and this process is
 pinned to `--threads` CPUs (`os.sched_setaffinity`) before jax starts, since XLA:CPU sizes its
 pool from the CPUs the process may use.
+
+`--json=PATH` also writes the figures (and the device's peak memory where the backend
+reports it) as JSON: what `benchmarks/run.py` reads.
 """
 
 from __future__ import annotations
@@ -643,7 +646,7 @@ def run() -> dict[str, Any]:
   for side in ("jax", "scan"):
     trainer = trainers.pop(side)
     r = train_step.time_steps(trainer, trainer.put_batch(batch), _STEPS.value)
-    for k in ("compile_s", "first_step_s", "times", "cores"):
+    for k in ("compile_s", "first_step_s", "times", "cores", "flops"):
       out[f"{side}_{k}"] = r[k]
     for i in (1, 2):
       m = r[f"metrics_{i}"]
@@ -805,6 +808,8 @@ def main(argv: list[str]) -> None:
   print(section)
   if _WRITE.value and flags.FLAGS.output:
     dp.write_output(flags.FLAGS.output, section, SECTION)
+  if flags.FLAGS.json:  # the figures, for a caller (benchmarks/run.py)
+    dp.write_json(flags.FLAGS.json, {"machine": info, "figures": r, "batch": _BATCH.value})
 
 
 if __name__ == "__main__":

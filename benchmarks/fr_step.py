@@ -4,9 +4,9 @@ r"""Stage-1 training step, JAX vs PyTorch: IResNet + ArcFace margin softmax + SG
 
 What is timed on the JAX side is the step stage-1 training runs: `train/fr.py` through
 `train/loop.py` `fit`. `configs/fr.py` (default variant) with the measured fields set from the
-flags (arch, 512-d embedding at 112x112, `--num_classes` real rows, ArcFace s/m, SGD lr /
-momentum / weight decay, constant schedule, no clipping, no EMA, float32), then exactly what
-`fit` builds from it (`benchmarks/train_step.py`): `optim.make_optimizer`,
+flags (arch, `--embed_dim` (512) at `--input_size` (112), `--num_classes` real rows, ArcFace
+s/m, SGD lr / momentum / weight decay, constant schedule, no clipping, no EMA, float32), then
+exactly what `fit` builds from it (`benchmarks/train_step.py`): `optim.make_optimizer`,
 `state.create_state(fr.create_model(config, n, 0), ...)` and
 `state.make_train_step(graphdef, fr.fr_loss, ...)`: one `jax.jit` over the whole train state,
 donated, with explicit shardings, which besides forward + backward + SGD computes the gradient
@@ -42,6 +42,8 @@ differentiates `s * cos(theta + m)`. Forward losses agree (checked on the first 
 and so later losses, differ slightly.
 
 `--output` (default BENCHMARKS.md) receives the section; pass `--output=` to only print it.
+`--json=PATH` also writes the figures (and the device's peak memory where the backend reports
+it) as JSON: what `benchmarks/run.py` reads.
 """
 
 from __future__ import annotations
@@ -87,12 +89,15 @@ _MARGIN = flags.DEFINE_float("m", 0.5, "ArcFace additive angular margin.")
 _LR = flags.DEFINE_float("lr", 0.1, "SGD learning rate.")
 _MOMENTUM = flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
 _WD = flags.DEFINE_float("weight_decay", 5e-4, "SGD weight decay (coupled, as torch.optim.SGD).")
+_EMBED_DIM = flags.DEFINE_integer("embed_dim", 512, "Embedding width (configs/fr.py:demo: 128).")
+_INPUT_SIZE = flags.DEFINE_integer(
+    "input_size", 112, "Image side fed to both networks, a multiple of 16 (configs/fr.py:demo's "
+    "net takes 48: its 112 crops are resized inside its step, which is not timed here).")
 # data_pipeline's flags: --output (BENCHMARKS.md) and --seed (weights, images, labels).
 flags.FLAGS.set_default("output", "BENCHMARKS.md")
 _SEED = dp._SEED  # pylint: disable=protected-access
 
 SECTION = "## Stage-1 training step (IResNet + ArcFace)"
-EMBED_DIM = 512
 LOSS_REL_TOL = 1e-4
 
 
@@ -121,7 +126,9 @@ class TorchCombinedMarginLoss(torch.nn.Module):
 def torch_setup(centres: np.ndarray):
   """Random torch backbone (torch default init), centres `[C, d]`, loss, optimizer."""
   v = iresnet.VARIANTS[_VARIANT.value]
-  model = torch_ref.TorchIResNet(v.layers, v.widths, v.se, num_features=EMBED_DIM).train()
+  side = _INPUT_SIZE.value // 16  # arcface_torch's fc_scale: 7 x 7 features at 112
+  cls = type("TorchIResNetAt", (torch_ref.TorchIResNet,), {"fc_scale": side * side})
+  model = cls(v.layers, v.widths, v.se, num_features=_EMBED_DIM.value).train()
   model.features.weight.requires_grad = True  # the trainer trains it (see the docstring)
   weight = torch.nn.Parameter(torch.from_numpy(centres.T.copy()))
   params = [p for p in model.parameters() if p.requires_grad] + [weight]
@@ -153,8 +160,8 @@ def jax_config() -> ml_collections.ConfigDict:
   config.data.source = "procedural"
   config.data.global_batch_size = _BATCH.value
   config.model.arch = _VARIANT.value
-  config.model.embed_dim = EMBED_DIM
-  config.model.input_size = 112
+  config.model.embed_dim = _EMBED_DIM.value
+  config.model.input_size = _INPUT_SIZE.value
   config.model.dropout = 0.0
   config.model.dtype = "float32"
   config.model.num_real = _NUM_CLASSES.value
@@ -202,8 +209,9 @@ def run() -> dict[str, Any]:
   torch.manual_seed(_SEED.value)
   torch.set_num_threads(_THREADS.value)
   rng = np.random.default_rng(_SEED.value)
-  centres = rng.normal(0.0, 0.01, (EMBED_DIM, _NUM_CLASSES.value)).astype(np.float32)
-  images = rng.integers(0, 256, (_BATCH.value, 112, 112, 3), dtype=np.uint8)
+  centres = rng.normal(0.0, 0.01, (_EMBED_DIM.value, _NUM_CLASSES.value)).astype(np.float32)
+  size = _INPUT_SIZE.value
+  images = rng.integers(0, 256, (_BATCH.value, size, size, 3), dtype=np.uint8)
   labels = rng.integers(0, _NUM_CLASSES.value, (_BATCH.value,), dtype=np.int64)
 
   tmodel, tstep = torch_setup(centres)
@@ -241,9 +249,10 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       f"{r['torch_threads']} torch threads, process pinned to {r['affinity']} CPU(s) "
       f"(XLA:CPU's pool; `XLA_FLAGS`={r['xla_flags']!r}).",
       "",
-      f"One step = IResNet-{_VARIANT.value} forward + backward on {_BATCH.value} uint8 112x112 "
+      f"One step = IResNet-{_VARIANT.value} forward + backward on {_BATCH.value} uint8 "
+      f"{_INPUT_SIZE.value}x{_INPUT_SIZE.value} "
       f"images (normalised inside the step), {_NUM_CLASSES.value} class centres x "
-      f"{EMBED_DIM}, ArcFace s={_SCALE.value:g} m={_MARGIN.value:g}, cross-entropy, SGD "
+      f"{_EMBED_DIM.value}, ArcFace s={_SCALE.value:g} m={_MARGIN.value:g}, cross-entropy, SGD "
       f"lr={_LR.value:g} momentum={_MOMENTUM.value:g} wd={_WD.value:g}; BatchNorm in train "
       "mode. Median of the timed steps after compile + 2 warm-up steps.",
       "",
@@ -283,8 +292,8 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       "differentiates `s * cos(theta + m)`.",
       "* The final BatchNorm1d scale is trained on both sides: the trainer treats it as an "
       "ordinary parameter, so the torch side lifts arcface_torch's `requires_grad=False` "
-      "(512 numbers). Weight decay applies to every parameter, centres included, as in "
-      "arcface_torch.",
+      f"({_EMBED_DIM.value} numbers). Weight decay applies to every parameter, centres "
+      "included, as in arcface_torch.",
       "* Threads: torch via `torch.set_num_threads`; XLA:CPU has no `XLA_FLAGS` option for "
       "its intra-op pool in this jaxlib (`--intra_op_parallelism_threads` aborts with "
       "\"Unknown flag in XLA_FLAGS\"), and sizes it from the CPUs the process may use, so "
@@ -314,6 +323,8 @@ def main(argv: list[str]) -> None:
   print(section)
   if flags.FLAGS.output:
     dp.write_output(flags.FLAGS.output, section, SECTION)
+  if flags.FLAGS.json:  # the figures, for a caller (benchmarks/run.py)
+    dp.write_json(flags.FLAGS.json, {"machine": info, "figures": r, "batch": _BATCH.value})
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ Threads: as the other benchmarks (`benchmarks/cpu_threads.py`: the process pinne
 `--threads` CPUs before jax starts; `torch.set_num_threads` and `faiss.omp_set_num_threads`
 to `--threads`). `--write` replaces the "## Stage-3 generation and audit search" section of
 `--output` (BENCHMARKS.md).
+
+`--json=PATH` also writes the figures (and the device's peak memory where the backend
+reports it) as JSON: what `benchmarks/run.py` reads.
 """
 
 from __future__ import annotations
@@ -519,6 +522,8 @@ def main(argv: list[str]) -> None:
   print(section)
   if dit_step._WRITE.value and flags.FLAGS.output:  # pylint: disable=protected-access
     dp.write_output(flags.FLAGS.output, section, SECTION)
+  if flags.FLAGS.json:  # the figures, for a caller (benchmarks/run.py)
+    dp.write_json(flags.FLAGS.json, {"machine": info, "generation": gen, "search": srch})
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ same computation before anything is compared. Each side runs once as warm-up, th
 
 Threads: as `benchmarks/dit_step.py` (torch threads = `--threads`, the process pinned to
 `--threads` CPUs before jax starts).
+
+`--json=PATH` also writes the figures (and the device's peak memory where the backend
+reports it) as JSON: what `benchmarks/run.py` reads.
 """
 
 from __future__ import annotations
@@ -231,6 +234,8 @@ def main(argv: list[str]) -> None:
   print(section)
   if dit_step._WRITE.value and flags.FLAGS.output:  # pylint: disable=protected-access
     dp.write_output(flags.FLAGS.output, section, SECTION)
+  if flags.FLAGS.json:  # the figures, for a caller (benchmarks/run.py)
+    dp.write_json(flags.FLAGS.json, {"machine": info, "figures": r})
 
 
 if __name__ == "__main__":

@@ -89,13 +89,15 @@ def time_steps(trainer: TrainerStep, batch: dict[str, jax.Array], n: int) -> dic
 
   Returns `compile_s`, `first_step_s`, `metrics_1` and `metrics_2` (every metric of steps 1
   and 2 as floats: `loss`, `grad_norm`, `finite` and the task's), `times` (seconds of each
-  timed step) and `cores` (process CPU seconds per wall second over them). The trainer's
+  timed step), `cores` (process CPU seconds per wall second over them) and `flops` (one step's,
+  from XLA's cost analysis of the compiled step: 0.0 where unavailable). The trainer's
   state is advanced (and its old buffers donated) as it goes.
   """
   out: dict[str, Any] = {}
   t0 = time.perf_counter()
   compiled = trainer.step.lower(trainer.state, batch).compile()
   out["compile_s"] = time.perf_counter() - t0
+  out["flops"] = loop.flops_of(compiled)
   t0 = time.perf_counter()
   trainer.state, metrics = jax.block_until_ready(compiled(trainer.state, batch))
   out["first_step_s"] = time.perf_counter() - t0
