@@ -19,12 +19,13 @@
 #   --dry-run              print every command it would run, run nothing
 #
 # Steps, each printed before it runs: (1) `pip install -e ".[cuda]"` on NVIDIA (".[cuda12]"
-# for a driver older than CUDA 13), ".[tpu]" on a TPU VM; (2) the PyTorch reference: the
-# benchmark scripts run their PyTorch side on the host CPU (they have no torch-device flag), so
-# the CPU wheel torch==2.13.0 (+ diffusers, faiss-cpu) is installed only if `import torch,
-# diffusers` fails, and no CUDA torch wheel is fetched; (3) the suite. The scripts have no
-# dtype flag either: both sides compute in float32, and the MFU is against the bf16 peak (an
-# underestimate of a bf16 step). Installs may use what the budget leaves beyond 200 s.
+# for a driver older than CUDA 13), ".[tpu]" on a TPU VM; (2) the PyTorch reference: on NVIDIA
+# the CUDA wheel torch==2.13.0 (cu128) unless torch already sees the GPU, so the training steps
+# compare JAX and PyTorch on the same GPU (`--torch_device=auto`); if that install fails, the
+# CPU wheel (only if torch is missing), PyTorch on the host CPU, and the results file says so;
+# elsewhere the CPU wheel if `import torch` fails; diffusers and faiss-cpu if missing; (3) the
+# suite: the training steps in bf16 compute with float32 weights (`--dtype=bfloat16`), the MFU
+# against the bf16 peak. Installs may use what the budget leaves beyond 200 s.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -38,7 +39,7 @@ for arg in "$@"; do
     --budget=*) BUDGET=${arg#--budget=} ;;
     --per-benchmark=*) PER=${arg#--per-benchmark=} ;;
     --only=*) ONLY=${arg#--only=} ;;
-    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "accelerator.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -97,16 +98,34 @@ else
   echo "skipped ($([[ $CPU == 1 ]] && echo "--cpu" || echo "--no-install"))"
 fi
 
-step "2/3 PyTorch reference (host CPU: the scripts have no torch-device flag)"
-if [[ $INSTALL == 1 ]] && ! "$PYTHON" -c "import torch, diffusers" 2>/dev/null; then
-  install_for "$PYTHON" -m pip install --disable-pip-version-check torch==2.13.0 \
-      --index-url https://download.pytorch.org/whl/cpu
-  install_for "$PYTHON" -m pip install --disable-pip-version-check diffusers==0.35.1 \
-      faiss-cpu==1.15.1
+NOTES=()  # benchmarks.run --note lines for the results file
+TORCH_WHL=https://download.pytorch.org/whl
+has() { "$PYTHON" -c "$1" 2>/dev/null; }
+step "2/3 PyTorch reference (on the GPU where torch can use it, else the host CPU)"
+if [[ $INSTALL == 1 ]]; then
+  if [[ $PLATFORM == nvidia ]] && ! has "import sys, torch; sys.exit(not torch.cuda.is_available())"
+  then
+    echo "installing the CUDA torch wheel (JAX and PyTorch on the same GPU)"
+    if ! install_for "$PYTHON" -m pip install --disable-pip-version-check torch==2.13.0 \
+        --index-url "$TORCH_WHL/cu128"; then
+      echo "accelerator.sh: the CUDA torch wheel failed to install; PyTorch runs on the host CPU"
+      NOTES+=("--note=accelerator.sh: installing the CUDA torch wheel (torch==2.13.0, cu128)"\
+" failed, so PyTorch ran on the host CPU.")
+    fi
+  fi
+  if ! has "import torch"; then
+    install_for "$PYTHON" -m pip install --disable-pip-version-check torch==2.13.0 \
+        --index-url "$TORCH_WHL/cpu"
+  fi
+  if ! has "import diffusers, faiss"; then
+    install_for "$PYTHON" -m pip install --disable-pip-version-check diffusers==0.35.1 \
+        faiss-cpu==1.15.1
+  fi
 else
-  echo "skipped (torch importable, or --cpu / --no-install)"
+  echo "skipped (--cpu / --no-install)"
 fi
-echo "note: no dtype flag in the scripts: float32 on both sides (no bf16 figure)"
+has "import torch; print('torch', torch.__version__, 'sees a GPU:', torch.cuda.is_available())" \
+  || echo "torch is not importable"
 
 step "3/3 benchmarks"
 LEFT=$((BUDGET - SECONDS - 15))
@@ -115,6 +134,7 @@ if (( LEFT < 60 )); then
   exit 1
 fi
 ARGS=(--suite accelerator "--output=$OUT" "--timeout=$PER" "--budget=$LEFT")
+ARGS+=(${NOTES[@]+"${NOTES[@]}"})
 [[ $CPU == 1 ]] && ARGS+=(--tiny)
 [[ -n $ONLY ]] && ARGS+=("--only=$ONLY")
 if [[ $DRY == 1 ]]; then

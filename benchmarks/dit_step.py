@@ -1,8 +1,15 @@
 r"""Stage-2 training step, JAX vs PyTorch: the stage-2 trainer's step against the same work in
-PyTorch (pixel DiT + diffusion MSE + identity loss through a frozen IResNet + AdamW), CPU float32.
+PyTorch (pixel DiT + diffusion MSE + identity loss through a frozen IResNet + AdamW).
 
     python -m benchmarks.dit_step --variant=small --patch_size=16 --output_overlap=4 \
         --landmark_blur=6,16 --batch=32 --steps=5 [--write]
+    python -m benchmarks.dit_step --variant=B --patch_size=4 --batch=16 --dtype=bfloat16  # GPU
+
+`--dtype` and `--torch_device` as in `benchmarks/fr_step.py`: bfloat16 is the trainer's
+accelerator policy (bf16 DiT activations and matmuls, float32 parameters, AdamW state and EMA;
+torch: forward + loss under `torch.autocast`), and the torch model, batch, schedule tables and
+draws live on `--torch_device` ('auto': cuda when available), each timed step synchronised.
+In bfloat16 the agreement tolerances below are loosened (`TOLERANCES`).
 
 The defaults are `configs/dit.py:demo`'s model, diffusion and optimizer settings, at the
 112-pixel geometry the demo had before it drew at 48 (DiT-small, patch 16, output_overlap 4,
@@ -13,7 +20,7 @@ identity-loss weight 0.05 on t <= 300, AdamW lr 3e-4 with gradient clipping at 1
 
 **JAX: the trainer's own step.** What `train/dit.py` trains through `train/loop.py` `fit`,
 built the same way (`benchmarks/train_step.py`): `configs/dit.py:demo` with the flags' fields
-(float32), `optim.make_optimizer`, `state.create_state(dit.create_model(config, fr_info, n),
+(`--dtype`), `optim.make_optimizer`, `state.create_state(dit.create_model(config, fr_info, n),
 ..., trainable=stage2.TRAINABLE, ema=True)` and `state.make_train_step(graphdef, dit.dit_loss,
 ...)`: one `jax.jit` over the whole donated train state. Per step it renders the batch's
 landmark images and their blurred copies, draws the timesteps, the noise and the condition
@@ -49,15 +56,15 @@ gets the weights of a randomised torch IResNet (`load_insightface_state_dict`) a
 table random unit rows. Every DiT parameter is copied into the torch DiT (kernels transposed,
 the patch-embedding kernel reshaped into conv layout, qkv re-ordered from our heads-major
 `[heads, 3, head_dim]` to timm's `[3, heads, head_dim]`). The DiT forward outputs on a random
-batch must agree (max |diff| / max |out| < 1e-3, asserted and printed) before anything is
-timed. Steps 1 and 2 of the torch side use the random draws the trainer's step makes (t, noise,
-dropout from `fold_in(state.rng, step)`, recomputed here), so their losses must agree with the
-JAX ones (step 1 asserted: the same weights; step 2 checks the first AdamW update and EMA);
-the timed torch steps draw their own.
+batch must agree (max |diff| / max |out| < 1e-3 in float32, asserted and printed) before
+anything is timed. Steps 1 and 2 of the torch side use the random draws the trainer's step
+makes (t, noise, dropout from `fold_in(state.rng, step)`, recomputed here), so their losses
+must agree with the JAX ones (step 1 asserted: the same weights; step 2 checks the first AdamW
+update and EMA); the timed torch steps draw their own.
 
 Timing: compile (`lower().compile()`) is reported separately; each side runs two warm-up
-steps, then `--steps` timed steps, each ended by `jax.block_until_ready` (torch is synchronous
-on CPU); median and best are reported.
+steps, then `--steps` timed steps, each ended by `jax.block_until_ready` (torch: synchronous
+on CPU, `torch.cuda.synchronize()` on cuda); median and best are reported.
 
 Threads: as `benchmarks/fr_step.py`: `torch.set_num_threads(--threads)`, and this process is
 pinned to `--threads` CPUs (`os.sched_setaffinity`) before jax starts, since XLA:CPU sizes its
@@ -137,6 +144,10 @@ _ID_WEIGHT = flags.DEFINE_float("id_loss_weight", _DEMO.diffusion.id_loss_weight
 _FR_CONFIG = flags.DEFINE_enum("fr_config", "demo", ["default", "demo", "tiny"],
                                "configs/fr.py variant whose model (arch, embed_dim, input_size) "
                                "is the frozen FR network; its embed_dim is the row size.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(train_step.DTYPES),
+                           "Compute dtype of both sides (parameters stay float32).")
+_TORCH_DEVICE = flags.DEFINE_enum("torch_device", "auto", ["auto", "cpu", "cuda"],
+                                  "PyTorch's device ('auto': cuda if available, else cpu).")
 _WRITE = flags.DEFINE_bool("write", False, "Write the section into --output (BENCHMARKS.md).")
 # data_pipeline's flags: --output (BENCHMARKS.md) and --seed (weights and batch).
 flags.FLAGS.set_default("output", "BENCHMARKS.md")
@@ -145,9 +156,11 @@ _SEED = dp._SEED  # pylint: disable=protected-access
 SECTION = "## DiT training step"
 INPUT_SIZE, OUT_CHANNELS = 112, 3
 NUM_REAL = int(_DEMO.data.num_identities)  # rows in the table (the demo's identities)
-REL_TOL = 1e-3  # DiT forward outputs
-LOSS_REL_TOL = 1e-3  # step-1 losses, JAX vs torch
-SCAN_REL_TOL = 1e-5  # losses, scan_blocks vs unrolled
+# Relative tolerances by --dtype: DiT forward outputs (max |diff| / max |out|), step-1
+# losses JAX vs torch, and losses scan_blocks vs unrolled (bf16: XLA fuses the two
+# differently, so their bf16 roundings differ too).
+TOLERANCES = {"float32": {"fwd": 1e-3, "loss": 1e-3, "scan": 1e-5},
+              "bfloat16": {"fwd": 5e-2, "loss": 2e-2, "scan": 1e-2}}
 
 
 def landmark_blur() -> tuple[float, ...]:
@@ -176,8 +189,9 @@ def cond_scale() -> float:
   return math.sqrt(cond_dim())
 
 
-def stage2_config(scan_blocks: bool) -> ml_collections.ConfigDict:
-  """`configs/dit.py:demo` with the fields this benchmark measures set from its flags."""
+def stage2_config(scan_blocks: bool, dtype: str = "float32") -> ml_collections.ConfigDict:
+  """`configs/dit.py:demo` with the fields this benchmark measures set from its flags, computing
+  in `dtype` (this script passes `--dtype`; `sample.py` and `generate.py` keep float32)."""
   config = dit_config.get_config("demo")
   m = config.model
   m.variant = _VARIANT.value
@@ -185,7 +199,7 @@ def stage2_config(scan_blocks: bool) -> ml_collections.ConfigDict:
   m.patch_size = _PATCH.value
   m.output_overlap = _OVERLAP.value
   m.landmark_blur = landmark_blur()
-  m.dtype = "float32"
+  m.dtype = dtype  # bfloat16: bf16 compute, float32 parameters
   m.remat = False
   m.scan_blocks = scan_blocks
   m.num_real = NUM_REAL
@@ -241,7 +255,8 @@ class TorchTimestepEmbedder(nn.Module):
   @staticmethod
   def timestep_embedding(t, dim, max_period=10000):
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period)
+                      * torch.arange(0, half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -375,11 +390,12 @@ def torch_landmark_input(points: torch.Tensor, has: torch.Tensor) -> torch.Tenso
   base = torch.floor(points)
   centre = base + (points - base >= 0.5).to(points.dtype)
   cx, cy = centre[..., 0, None, None], centre[..., 1, None, None]  # [b, 5, 1, 1]
-  coords = torch.arange(size, dtype=points.dtype)
+  dev = points.device
+  coords = torch.arange(size, dtype=points.dtype, device=dev)
   dist = (coords[None, :] - cx).abs() + (coords[:, None] - cy).abs()  # [b, 5, H, W]
-  ranks = torch.arange(1, landmarks_lib.NUM_LANDMARKS + 1)[:, None, None]
+  ranks = torch.arange(1, landmarks_lib.NUM_LANDMARKS + 1, device=dev)[:, None, None]
   winner = torch.where(dist <= landmarks_lib.DIAMOND_RADIUS, ranks, 0).amax(dim=1) - 1
-  colours = torch.from_numpy(np.asarray(landmarks_lib.LANDMARK_COLOURS, np.float32))
+  colours = torch.from_numpy(np.asarray(landmarks_lib.LANDMARK_COLOURS, np.float32)).to(dev)
   image = colours[winner.clamp(min=0)] * (winner >= 0)[..., None]  # [b, H, W, 3], 0..255
   image = image / 127.5 - 1.0
   image = torch.where(has[:, None, None, None], image, torch.full_like(image, -1.0))
@@ -387,17 +403,18 @@ def torch_landmark_input(points: torch.Tensor, has: torch.Tensor) -> torch.Tenso
 
 
 @functools.cache
-def _gaussian(size: int, sigma: float) -> torch.Tensor:
+def _gaussian(size: int, sigma: float, device: torch.device) -> torch.Tensor:
   i = torch.arange(size, dtype=torch.float64)
   g = torch.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma) ** 2)
-  return (g / math.sqrt(13.0)).float()  # a blurred 13-pixel diamond peaks near 1
+  return (g / math.sqrt(13.0)).float().to(device)  # a blurred 13-pixel diamond peaks near 1
 
 
 def torch_landmark_channels(lmk: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
   """`stage2.landmark_channels` in torch (NCHW): the image, then each blurred copy."""
   dots = (lmk + 1.0) * 0.5
   h, w = lmk.shape[-2:]
-  fields = [(_gaussian(h, s) @ dots @ _gaussian(w, s).T) * 2.0 - 1.0 for s in sigmas]
+  g = lambda n, s: _gaussian(n, s, lmk.device)
+  fields = [(g(h, s) @ dots @ g(w, s).T) * 2.0 - 1.0 for s in sigmas]
   return torch.cat([lmk] + fields, dim=1)
 
 
@@ -413,15 +430,20 @@ class TorchStage2Step:
   """`dit_train.dit_loss` + clipping + AdamW + EMA, as a PyTorch training script does them.
 
   `step(batch, draws=None)`: `draws = (t, noise, kept)` replaces the step's own
-  `torch.randint` / `torch.randn` / `torch.rand` draws (for the agreement checks).
+  `torch.randint` / `torch.randn` / `torch.rand` draws (for the agreement checks). The models
+  and the batch are on `device`; forward + loss run under `train_step.torch_autocast`.
   """
 
   def __init__(self, model: nn.Module, fr: nn.Module, rows: np.ndarray,
-               schedule: schedules.Schedule, config: ml_collections.ConfigDict):
-    self.model, self.fr = model.train(), fr.eval().requires_grad_(False)
-    self.rows = torch.from_numpy(rows)
-    self.a = torch.from_numpy(np.array(schedule.sqrt_alphas_cumprod, np.float32))
-    self.s = torch.from_numpy(np.array(schedule.sqrt_one_minus_alphas_cumprod, np.float32))
+               schedule: schedules.Schedule, config: ml_collections.ConfigDict,
+               device: str = "cpu", dtype: str = "float32"):
+    self.device, self.dtype = device, dtype
+    self.model = model.to(device).train()
+    self.fr = fr.to(device).eval().requires_grad_(False)
+    to_dev = lambda x: torch.from_numpy(np.array(x, np.float32)).to(device)
+    self.rows = to_dev(rows)
+    self.a = to_dev(schedule.sqrt_alphas_cumprod)
+    self.s = to_dev(schedule.sqrt_one_minus_alphas_cumprod)
     self.num_t = int(schedule.num_timesteps)
     self.d, self.o, self.tr = config.diffusion, config.optim, config.train
     self.fr_size = fr_info()["input_size"]
@@ -441,32 +463,43 @@ class TorchStage2Step:
     rows = self.rows[batch["label"]]
     b = x0.shape[0]
     if draws is None:
-      t = torch.randint(0, self.num_t, (b,))
+      t = torch.randint(0, self.num_t, (b,), device=x0.device)
       noise = torch.randn_like(x0)
-      kept = torch.rand(b) >= float(d.cond_drop)
+      kept = torch.rand(b, device=x0.device) >= float(d.cond_drop)
     else:
-      t, noise, kept = draws
+      t, noise, kept = (x.to(x0.device) for x in draws)
     a, s = self.a[t].view(b, 1, 1, 1), self.s[t].view(b, 1, 1, 1)
     x_t = a * x0 + s * noise
     cond = torch.where(kept[:, None], rows, torch.zeros_like(rows))
-    pred = self.model(torch.cat([x_t, torch_landmark_channels(lmk, self.sigmas)], 1), t, cond)
+    lmk = torch_landmark_channels(lmk, self.sigmas)
+    with train_step.torch_autocast(self.device, self.dtype):  # float32: a no-op
+      return self._model_loss(x0, x_t, noise, (a, s), t, kept, rows, lmk, cond)
+
+  def _model_loss(self, x0, x_t, noise, coefs, t, kept, rows, lmk, cond
+                  ) -> tuple[torch.Tensor, ...]:
+    """`loss` from the noisy input on (under autocast): the DiT, the target, the identity loss;
+    the landmark channels and `q_sample` before it stay float32, as in `dit_loss`."""
+    d, (a, s) = self.d, coefs
+    pred = self.model(torch.cat([x_t, lmk], 1), t, cond)
     kind = d.prediction
     target = {"x0": x0, "eps": noise}.get(kind) if kind != "v" else a * noise - s * x0
     diff = F.mse_loss(pred, target)
     weight = float(d.id_loss_weight)
     if weight <= 0:
-      return diff, diff, torch.zeros(())
+      return diff, diff, torch.zeros((), device=diff.device)
     if kind == "x0":
       x0_hat = pred
     elif kind == "eps":
       x0_hat = (x_t - s * pred) / a
     else:
       x0_hat = a * x_t - s * pred
-    x = x0_hat.clamp(-1.0, 1.0)
-    if self.fr_size != INPUT_SIZE:
-      x = F.interpolate(x, size=(self.fr_size, self.fr_size), mode="bilinear",
-                        align_corners=False, antialias=True)
-    emb = F.normalize(self.fr(x), dim=-1)
+    x = x0_hat.clamp(-1.0, 1.0).float()
+    # The frozen FR network computes in float32 on the JAX side (`Stage2.fr` has no dtype).
+    with torch.autocast(self.device, enabled=False):
+      if self.fr_size != INPUT_SIZE:
+        x = F.interpolate(x, size=(self.fr_size, self.fr_size), mode="bilinear",
+                          align_corners=False, antialias=True)
+      emb = F.normalize(self.fr(x), dim=-1)
     per_example = (emb - F.normalize(rows, dim=-1)).square().sum(-1)
     t_id = torch.where(kept, t, torch.full_like(t, self.num_t))
     mask = (t_id <= int(d.id_loss_max_t)).float()
@@ -582,6 +615,8 @@ def trainer_draws(rng: np.ndarray, step: int, b: int, config: ml_collections.Con
 def run() -> dict[str, Any]:
   torch.manual_seed(_SEED.value)
   torch.set_num_threads(_THREADS.value)
+  device, dtype = train_step.torch_device(_TORCH_DEVICE.value), _DTYPE.value
+  tol = TOLERANCES[dtype]
   v = dit.get_variant(_VARIANT.value)
   rng = np.random.default_rng(_SEED.value)
   b, d = _BATCH.value, cond_dim()
@@ -593,7 +628,7 @@ def run() -> dict[str, Any]:
   batch = {"image": rng.integers(0, 256, (b, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8),
            "label": rng.integers(0, NUM_REAL, (b,)).astype(np.int32),
            "landmarks": points, "has_landmarks": np.ones((b,), bool)}
-  tbatch = {k: torch.from_numpy(np.array(x)) for k, x in batch.items()}
+  tbatch = {k: torch.from_numpy(np.array(x)).to(device) for k, x in batch.items()}
   tbatch["label"] = tbatch["label"].long()
   # Inputs of the forward-agreement check only.
   x = rng.normal(size=(b, INPUT_SIZE, INPUT_SIZE, in_channels())).astype(np.float32)
@@ -615,31 +650,37 @@ def run() -> dict[str, Any]:
     iresnet.load_insightface_state_dict(model.fr, fr_state)
     model.rows[...] = jnp.asarray(rows)
 
-  configs = {"jax": stage2_config(scan_blocks=False), "scan": stage2_config(scan_blocks=True)}
+  configs = {side: stage2_config(scan_blocks=side == "scan", dtype=dtype)
+             for side in ("jax", "scan")}
   trainers = {"jax": jax_setup(configs["jax"], fill)}
   jdit = filled["dit"]
   copy_into_torch(tmodel, jdit)
+  tmodel.to(device)
   out: dict[str, Any] = {"params": sum(p.numel() for p in tmodel.parameters()),
                          "tokens": (INPUT_SIZE // _PATCH.value) ** 2, "hidden": v.hidden,
-                         "depth": v.depth, "heads": v.heads, "fr": fr_info()}
+                         "depth": v.depth, "heads": v.heads, "fr": fr_info(),
+                         "tolerances": tol, **train_step.sides(device, dtype)}
   # Forward agreement of the two DiTs (before any update; JAX eager, torch no-grad).
-  jout = np.asarray(jdit(jnp.asarray(x), jnp.asarray(t), jnp.asarray(cond)))
-  with torch.no_grad():
-    tout = tmodel(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(),
-                  torch.from_numpy(t).long(), torch.from_numpy(cond)).permute(0, 2, 3, 1).numpy()
+  jout = np.asarray(jdit(jnp.asarray(x), jnp.asarray(t), jnp.asarray(cond)), np.float32)
+  to_dev = lambda a: torch.from_numpy(a).to(device)
+  with torch.no_grad(), train_step.torch_autocast(device, dtype):
+    tout = tmodel(to_dev(x).permute(0, 3, 1, 2).contiguous(), to_dev(t).long(), to_dev(cond))
+  tout = tout.float().permute(0, 2, 3, 1).cpu().numpy()
   out["fwd_max_abs"] = float(np.max(np.abs(tout)))
   out["fwd_max_diff"] = float(np.max(np.abs(jout - tout)))
   out["fwd_rel"] = out["fwd_max_diff"] / out["fwd_max_abs"]
   print(f"forward: max |out| {out['fwd_max_abs']:.4g}, out std {float(np.std(tout)):.4g}, "
         f"max |jax - torch| {out['fwd_max_diff']:.3g} (relative {out['fwd_rel']:.3g})")
-  assert out["fwd_rel"] < REL_TOL, f"forward outputs disagree: relative {out['fwd_rel']:.3g}"
+  assert out["fwd_rel"] < tol["fwd"], (
+      f"forward outputs disagree ({dtype}): relative {out['fwd_rel']:.3g}")
   # Built before the unrolled state is donated: the scanned state copies its DiT weights.
   trainers["scan"] = jax_setup(configs["scan"], fill)
-  del jdit, filled
+  del jdit
+  filled.clear()  # (not `del`: `fill` closes over it)
   state_rng = np.asarray(trainers["jax"].state.rng)
   schedule = schedules.make_schedule(configs["jax"].diffusion.schedule,
                                      int(configs["jax"].diffusion.timesteps))
-  tstep = TorchStage2Step(tmodel, tfr, rows, schedule, configs["jax"])
+  tstep = TorchStage2Step(tmodel, tfr, rows, schedule, configs["jax"], device, dtype)
 
   # JAX, blocks unrolled (`jax`) and scanned (`scan`): compile, step 1 and the step-2
   # warm-up, then the timed steps.
@@ -656,23 +697,23 @@ def run() -> dict[str, Any]:
     del trainer, r
 
   for k in ("loss_1", "loss_2"):
-    assert abs(out[f"scan_{k}"] - out[f"jax_{k}"]) <= SCAN_REL_TOL * abs(out[f"jax_{k}"]), (
+    assert abs(out[f"scan_{k}"] - out[f"jax_{k}"]) <= tol["scan"] * abs(out[f"jax_{k}"]), (
         f"scan_blocks changed the {k.replace('_', ' ')}: {out[f'scan_{k}']} vs {out[f'jax_{k}']}")
   # Torch steps 1 and 2 take the trainer's draws; the timed steps draw their own.
   t0 = time.perf_counter()
-  losses = tstep.step(tbatch, trainer_draws(state_rng, 0, b, configs["jax"]))
-  out["torch_first_step_s"] = time.perf_counter() - t0
-  out["torch_loss_1"], out["torch_diff_1"], out["torch_id_1"] = map(float, losses)
+  losses = tuple(map(float, tstep.step(tbatch, trainer_draws(state_rng, 0, b, configs["jax"]))))
+  out["torch_first_step_s"] = time.perf_counter() - t0  # float(): waits for the device
+  out["torch_loss_1"], out["torch_diff_1"], out["torch_id_1"] = losses
   losses = tstep.step(tbatch, trainer_draws(state_rng, 1, b, configs["jax"]))
   out["torch_loss_2"], out["torch_diff_2"], out["torch_id_2"] = map(float, losses)
   out["loss_1_rel"] = abs(out["jax_loss_1"] - out["torch_loss_1"]) / abs(out["torch_loss_1"])
   out["loss_2_rel"] = abs(out["jax_loss_2"] - out["torch_loss_2"]) / abs(out["torch_loss_2"])
-  assert out["loss_1_rel"] < LOSS_REL_TOL, (
-      f"step-1 losses disagree: jax {out['jax_loss_1']} (diffusion {out['jax_diff_1']}, "
+  assert out["loss_1_rel"] < tol["loss"], (
+      f"step-1 losses disagree ({dtype}): jax {out['jax_loss_1']} (diffusion {out['jax_diff_1']}, "
       f"identity {out['jax_id_1']}), torch {out['torch_loss_1']} (diffusion "
       f"{out['torch_diff_1']}, identity {out['torch_id_1']})")
-  out["torch_times"], out["torch_cores"] = cpu_threads.time_calls(lambda: tstep.step(tbatch),
-                                                                  _STEPS.value)
+  out["torch_times"], out["torch_cores"] = cpu_threads.time_calls(
+      train_step.torch_synced(lambda: tstep.step(tbatch), device), _STEPS.value)
   for side in ("jax", "scan", "torch"):
     out[f"{side}_s"] = float(np.median(out[f"{side}_times"]))
     out[f"{side}_best_s"] = float(np.min(out[f"{side}_times"]))
@@ -694,7 +735,7 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
               f"{fr['input_size']}x{fr['input_size']} input: x0_hat resized)"
               if id_w > 0 else "no identity loss (`--id_loss_weight=0`)")
   lines = dp.section_header(SECTION, "benchmarks.dit_step", info) + [
-      f"**CPU only** (no accelerator), float32, torch {torch.__version__}, "
+      f"{train_step.describe(r)}; torch {torch.__version__}, "
       f"{r['torch_threads']} torch threads, process pinned to {r['affinity']} CPU(s) "
       f"(XLA:CPU's pool; `XLA_FLAGS`={r['xla_flags']!r}).",
       "",
@@ -756,11 +797,11 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       "(patch kernel into conv layout, qkv re-ordered from heads-major to timm's "
       "`[3, heads, head_dim]`). DiT forward outputs on a random batch: max |JAX - torch| = "
       f"{r['fwd_max_diff']:.2e}, {r['fwd_rel']:.1e} of max |out| = {r['fwd_max_abs']:.3g} "
-      f"(asserted < {REL_TOL:g}).",
+      f"(asserted < {r['tolerances']['fwd']:g}, {r['dtype']}).",
       "* Same draws for the two untimed warm-up steps: torch takes the t, noise and dropout "
       "the trainer's step draws from `fold_in(state.rng, step)`, so the losses agree "
-      f"(step 1: relative {r['loss_1_rel']:.1e}, asserted < {LOSS_REL_TOL:g}; step 2: "
-      f"{r['loss_2_rel']:.1e}). The timed torch steps draw their own (`torch.randint`, "
+      f"(step 1: relative {r['loss_1_rel']:.1e}, asserted < {r['tolerances']['loss']:g}; "
+      f"step 2: {r['loss_2_rel']:.1e}). The timed torch steps draw their own (`torch.randint`, "
       "`randn`, `rand`), as the JAX step does.",
       "* Not mirrored on the torch side: the JAX step's non-finite guard (a select between the "
       "old and new state) and its update-norm metric, work the JAX columns pay for alone.",

@@ -1,11 +1,19 @@
-r"""Stage-1 training step, JAX vs PyTorch: IResNet + ArcFace margin softmax + SGD, CPU float32.
+r"""Stage-1 training step, JAX vs PyTorch: IResNet + ArcFace margin softmax + SGD.
 
     python -m benchmarks.fr_step --variant=r50 --batch=8 --num_classes=2000 --steps=3
+    python -m benchmarks.fr_step --variant=r50 --batch=64 --dtype=bfloat16  # on a GPU
+
+Precision (`--dtype`): float32 (default), or bfloat16 as the trainer runs on an accelerator
+(`model.dtype='auto'`): bfloat16 activations and matmuls, float32 parameters and SGD state;
+the torch side then runs forward + loss under `torch.autocast(device, torch.bfloat16)`.
+PyTorch device (`--torch_device`): 'auto' (default) is cuda when torch sees a GPU, else cpu;
+the torch model and batch live there, and each timed torch step ends with
+`torch.cuda.synchronize()` on cuda. The JAX side runs on JAX's default device.
 
 What is timed on the JAX side is the step stage-1 training runs: `train/fr.py` through
 `train/loop.py` `fit`. `configs/fr.py` (default variant) with the measured fields set from the
 flags (arch, `--embed_dim` (512) at `--input_size` (112), `--num_classes` real rows, ArcFace
-s/m, SGD lr / momentum / weight decay, constant schedule, no clipping, no EMA, float32), then
+s/m, SGD lr / momentum / weight decay, constant schedule, no clipping, no EMA, `--dtype`), then
 exactly what `fit` builds from it (`benchmarks/train_step.py`): `optim.make_optimizer`,
 `state.create_state(fr.create_model(config, n, 0), ...)` and
 `state.make_train_step(graphdef, fr.fr_loss, ...)`: one `jax.jit` over the whole train state,
@@ -27,9 +35,10 @@ trains it too (512 numbers: no measurable cost, but the same update on both side
 Both sides start from the same weights (the torch backbone is converted into the fresh train
 state with `load_insightface_state_dict`, the centres copied into the head), see the same
 uint8 batch, and train BatchNorm in train mode. The step-1 losses must agree (relative
-difference asserted < 1e-4). Compile time (`lower().compile()`) is reported separately and
-excluded from the step time, which is the median of `--steps` steps after two warm-up steps,
-each ended by `jax.block_until_ready` (torch is synchronous on CPU).
+difference asserted < 1e-4 in float32, < 2e-2 in bfloat16). Compile time
+(`lower().compile()`) is reported separately and excluded from the step time, which is the
+median of `--steps` steps after two warm-up steps, each ended by `jax.block_until_ready`
+(torch: synchronous on CPU, synchronised on cuda).
 
 Threads: `torch.set_num_threads(--threads)`; XLA:CPU has no `XLA_FLAGS` option for its
 intra-op pool size in this jaxlib (unknown flags abort), so both processes' threads are bounded
@@ -93,12 +102,16 @@ _EMBED_DIM = flags.DEFINE_integer("embed_dim", 512, "Embedding width (configs/fr
 _INPUT_SIZE = flags.DEFINE_integer(
     "input_size", 112, "Image side fed to both networks, a multiple of 16 (configs/fr.py:demo's "
     "net takes 48: its 112 crops are resized inside its step, which is not timed here).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(train_step.DTYPES),
+                           "Compute dtype of both sides (parameters stay float32).")
+_TORCH_DEVICE = flags.DEFINE_enum("torch_device", "auto", ["auto", "cpu", "cuda"],
+                                  "PyTorch's device ('auto': cuda if available, else cpu).")
 # data_pipeline's flags: --output (BENCHMARKS.md) and --seed (weights, images, labels).
 flags.FLAGS.set_default("output", "BENCHMARKS.md")
 _SEED = dp._SEED  # pylint: disable=protected-access
 
 SECTION = "## Stage-1 training step (IResNet + ArcFace)"
-LOSS_REL_TOL = 1e-4
+LOSS_REL_TOL = {"float32": 1e-4, "bfloat16": 2e-2}  # step-1 losses, by --dtype
 
 
 # ------------------------------------------------------------------ PyTorch
@@ -123,14 +136,15 @@ class TorchCombinedMarginLoss(torch.nn.Module):
     return logits * self.s
 
 
-def torch_setup(centres: np.ndarray):
-  """Random torch backbone (torch default init), centres `[C, d]`, loss, optimizer."""
+def torch_setup(centres: np.ndarray, device: str):
+  """Random torch backbone (torch default init) on `device`, centres `[C, d]`, loss, SGD."""
   v = iresnet.VARIANTS[_VARIANT.value]
   side = _INPUT_SIZE.value // 16  # arcface_torch's fc_scale: 7 x 7 features at 112
   cls = type("TorchIResNetAt", (torch_ref.TorchIResNet,), {"fc_scale": side * side})
   model = cls(v.layers, v.widths, v.se, num_features=_EMBED_DIM.value).train()
   model.features.weight.requires_grad = True  # the trainer trains it (see the docstring)
-  weight = torch.nn.Parameter(torch.from_numpy(centres.T.copy()))
+  model.to(device)
+  weight = torch.nn.Parameter(torch.from_numpy(centres.T.copy()).to(device))
   params = [p for p in model.parameters() if p.requires_grad] + [weight]
   opt = torch.optim.SGD(params, lr=_LR.value, momentum=_MOMENTUM.value,
                         weight_decay=_WD.value)
@@ -138,9 +152,10 @@ def torch_setup(centres: np.ndarray):
 
   def step(images_u8: torch.Tensor, labels: torch.Tensor) -> float:
     x = (images_u8.permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
-    emb = model(x)
-    logits = F.linear(F.normalize(emb), F.normalize(weight)).clamp(-1, 1)
-    loss = F.cross_entropy(loss_fn(logits, labels), labels)
+    with train_step.torch_autocast(device, _DTYPE.value):  # float32: a no-op
+      emb = model(x)
+      logits = F.linear(F.normalize(emb), F.normalize(weight)).clamp(-1, 1)
+      loss = F.cross_entropy(loss_fn(logits, labels), labels)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -163,7 +178,7 @@ def jax_config() -> ml_collections.ConfigDict:
   config.model.embed_dim = _EMBED_DIM.value
   config.model.input_size = _INPUT_SIZE.value
   config.model.dropout = 0.0
-  config.model.dtype = "float32"
+  config.model.dtype = _DTYPE.value  # bfloat16: bf16 compute, float32 parameters
   config.model.num_real = _NUM_CLASSES.value
   config.margin.name = "arcface"
   config.margin.s = _SCALE.value
@@ -214,27 +229,32 @@ def run() -> dict[str, Any]:
   images = rng.integers(0, 256, (_BATCH.value, size, size, 3), dtype=np.uint8)
   labels = rng.integers(0, _NUM_CLASSES.value, (_BATCH.value,), dtype=np.int64)
 
-  tmodel, tstep = torch_setup(centres)
+  device = train_step.torch_device(_TORCH_DEVICE.value)
+  tmodel, tstep = torch_setup(centres, device)
   # Converted before torch trains: both start from identical weights and BN statistics.
-  state_dict = {k: v.detach().clone() for k, v in tmodel.state_dict().items()}
+  state_dict = {k: v.detach().cpu().clone() for k, v in tmodel.state_dict().items()}
   trainer = jax_setup(state_dict, centres)
   batch = trainer.put_batch({"image": images, "label": labels.astype(np.int32)})
-  timages, tlabels = torch.from_numpy(images), torch.from_numpy(labels)
+  timages = torch.from_numpy(images).to(device)
+  tlabels = torch.from_numpy(labels).to(device)
+  tol = LOSS_REL_TOL[_DTYPE.value]
 
-  out: dict[str, Any] = {}
+  out: dict[str, Any] = train_step.sides(device, _DTYPE.value)
+  out["loss_1_tol"] = tol
   j = train_step.time_steps(trainer, batch, _STEPS.value)
   out.update({f"jax_{k}": v for k, v in j.items() if not k.startswith("metrics")})
   out["jax_loss_1"], out["jax_loss_2"] = j["metrics_1"]["loss"], j["metrics_2"]["loss"]
   t0 = time.perf_counter()
-  out["torch_loss_1"] = float(tstep(timages, tlabels))
+  out["torch_loss_1"] = float(tstep(timages, tlabels))  # float(): waits for the device
   out["torch_first_step_s"] = time.perf_counter() - t0
   # Second step (warm-up; its loss shows how far one update apart the runs are).
   out["torch_loss_2"] = float(tstep(timages, tlabels))
   out["loss_1_rel"] = abs(out["jax_loss_1"] - out["torch_loss_1"]) / abs(out["torch_loss_1"])
-  assert out["loss_1_rel"] < LOSS_REL_TOL, (
-      f"step-1 losses disagree: jax {out['jax_loss_1']} torch {out['torch_loss_1']}")
+  assert out["loss_1_rel"] < tol, (
+      f"step-1 losses disagree ({_DTYPE.value}, relative tolerance {tol:g}): "
+      f"jax {out['jax_loss_1']} torch {out['torch_loss_1']}")
   out["torch_times"], out["torch_cores"] = cpu_threads.time_calls(
-      lambda: tstep(timages, tlabels), _STEPS.value)
+      train_step.torch_synced(lambda: tstep(timages, tlabels), device), _STEPS.value)
   out["jax_s"] = float(np.median(out["jax_times"]))
   out["torch_s"] = float(np.median(out["torch_times"]))
   out["ratio"] = out["torch_s"] / out["jax_s"]
@@ -245,7 +265,7 @@ def run() -> dict[str, Any]:
 def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
   ms = lambda xs: ", ".join(f"{x:.2f}" for x in xs)
   lines = dp.section_header(SECTION, "benchmarks.fr_step", info) + [
-      f"**CPU only** (no accelerator), float32, torch {torch.__version__}, "
+      f"{train_step.describe(r)}; torch {torch.__version__}, "
       f"{r['torch_threads']} torch threads, process pinned to {r['affinity']} CPU(s) "
       f"(XLA:CPU's pool; `XLA_FLAGS`={r['xla_flags']!r}).",
       "",
@@ -286,7 +306,8 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       "change during the run hits one side only; treat the ratio as approximate.",
       "* Step-1 losses are computed from identical weights (torch IResNet converted with "
       "`load_insightface_state_dict` into the fresh train state, same centres) and must agree "
-      f"to float32 rounding (relative {r['loss_1_rel']:.1e}, asserted < {LOSS_REL_TOL:g}). "
+      f"to {r['dtype']} rounding (relative {r['loss_1_rel']:.1e}, asserted < "
+      f"{r['loss_1_tol']:g}). "
       "Step-2 losses may differ slightly: arcface_torch applies the ArcFace margin under "
       "`torch.no_grad()` (straight-through gradient at the target logit), ours "
       "differentiates `s * cos(theta + m)`.",

@@ -29,13 +29,16 @@ The `accelerator` suite (`benchmarks/accelerator.sh`) is `fr_r50`, `dit_b4` (DiT
 `generate` (its generation part times the sampler `sample` does, as the generate task drives
 it) at sizes meant for a few minutes, `--threads` = the host's usable CPUs, and adds the model
 FLOP utilisation of the training steps (XLA's cost-analysis FLOPs / step time / the device's
-dense bf16 peak in `PEAK_BF16_FLOPS`; n/a elsewhere). The scripts compute in float32 and run
-their PyTorch side on the host CPU (no dtype or torch-device flag); the file says so.
+dense bf16 peak in `PEAK_BF16_FLOPS`; n/a elsewhere). Its training steps run `--dtype=bfloat16`
+(bf16 compute, float32 parameters; torch under `torch.autocast`), PyTorch on the GPU when torch
+sees one; the summary says what each side ran on, from the scripts' JSON (`generate`: float32,
+PyTorch on the host CPU).
 
 `--tiny`: every benchmark at its smallest sizes (tests). `--only=a,b`: some of them.
-`--append=NAME:ARG`: ARG added to NAME's command line (later flags win). Peak host memory is
-`resource.getrusage(RUSAGE_CHILDREN).ru_maxrss` of a small launcher that runs only that
-benchmark (the largest resident set of its process and the descendants it waited for).
+`--append=NAME:ARG`: ARG added to NAME's command line (later flags win). `--note=TEXT`: a
+line for the summary (accelerator.sh: a CUDA torch wheel that failed to install). Peak host
+memory is `resource.getrusage(RUSAGE_CHILDREN).ru_maxrss` of a small launcher that runs only
+that benchmark (the largest resident set of its process and the descendants it waited for).
 `--timeout` bounds each benchmark, `--budget` the whole run (a benchmark that would start
 after it is skipped). A failed, timed-out or skipped benchmark is reported in the output with
 its error's last line and the exit status is 1; an unknown name exits 2 and writes nothing.
@@ -109,6 +112,7 @@ _GENERATE = ("--batch=16", "--batches=4", "--sample_steps=50", "--queries=20000"
              "--gallery=100000", "--dim=128", "--ks=1,10", "--write")
 _GENERATE_TINY = ("--quick", "--variant=tiny", "--fr_config=tiny", "--write")
 _FR_HEADING = "## Stage-1 training step (IResNet + ArcFace)"
+_BF16 = ("--dtype=bfloat16",)  # the accelerator suite's training steps
 # The compile benchmark's dry runs: (config, extra flags), full size and tiny.
 COMPILE_CONFIGS = (("configs/fr.py:demo", ()),
                    ("configs/dit.py:demo", ("--config.model.num_real=800",)))
@@ -136,10 +140,11 @@ CPU_SUITE = (
 )
 ACCELERATOR_SUITE = (
     Benchmark("fr_r50", _FR_HEADING, "fr_step",
-              ("--variant=r50", "--batch=64", "--num_classes=2000", "--steps=5"), _FR_TINY),
+              ("--variant=r50", "--batch=64", "--num_classes=2000", "--steps=5") + _BF16,
+              _FR_TINY + _BF16),
     Benchmark("dit_b4", "## DiT training step (DiT-B/4)", "dit_step",
-              ("--variant=B", "--patch_size=4", "--batch=16", "--steps=3", "--write"),
-              _DIT_TINY),
+              ("--variant=B", "--patch_size=4", "--batch=16", "--steps=3", "--write") + _BF16,
+              _DIT_TINY + _BF16),
     Benchmark("generate", "## Stage-3 generation and audit search", "generate",
               _GENERATE + ("--repeats=1", "--search_repeats=2"), _GENERATE_TINY),
 )
@@ -449,6 +454,18 @@ def _device(result: Result) -> dict[str, Any]:
   return result.figures.get("device") or {}
 
 
+def sides_line(result: Result) -> str:
+  """What each side of a finished benchmark ran on, from its script's JSON (`train_step.sides`)."""
+  r = result.figures.get("figures") or {}
+  name = f"`{result.bench.name}`"
+  if not result.ok:
+    return f"{name}: not run or failed."
+  if "torch_device" not in r:
+    return (f"{name}: JAX on {_device(result).get('device_kind') or 'its device'}, its "
+            "references on the host CPU (no torch-device flag; dtypes: see its section).")
+  return f"{name}: {r['dtype']}; JAX on {r['jax_device']}, PyTorch on {r['torch_device']}."
+
+
 def suite_rows(result: Result) -> list[str]:
   """The benchmark's rows of the summary table."""
   dev = _device(result)
@@ -555,10 +572,9 @@ def write(path: pathlib.Path, results: list[Result], finished: Result, info: dic
       "(`benchmarks/run.py` `PEAK_BF16_FLOPS`; n/a for other devices).",
   ]
   if args.suite == "accelerator":
-    lines += ["", "Both sides compute in float32 (the scripts have no dtype flag, so no bf16 "
-              "figure; the MFU is against the bf16 peak) and the PyTorch side runs on the host "
-              "CPU (the scripts have no torch-device flag), so the ratios compare JAX on the "
-              "device with PyTorch on the CPU."]
+    lines += ["", "What each side ran on (the MFU is against the bf16 peak in every case):", "",
+              *(f"* {sides_line(r)}" for r in results if r.bench.module != "compile")]
+  lines += [f"\nNote: {n}" for n in args.note]
   lines += ["", *_TABLE, *(row for r in results for row in suite_rows(r))]
   text = path.read_text(encoding="utf-8")
   summary = "\n".join(lines) + "\n"
@@ -596,6 +612,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--only", default="", help="comma-separated benchmark names")
   parser.add_argument("--append", action="append", default=[], metavar="NAME:ARG",
                       help="add ARG to benchmark NAME's command line (repeatable)")
+  parser.add_argument("--note", action="append", default=[], help="a summary line (repeatable)")
   parser.add_argument("--timeout", type=float, default=None, help="seconds per benchmark")
   parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run")
   parser.add_argument("--logs", default="",
@@ -607,7 +624,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
   args = parse_args(argv)
   args.command = "python -m benchmarks.run " + " ".join(  # as the output names it
-      a for a in argv if not a.startswith(("--output", "--logs")))
+      a for a in argv if not a.startswith(("--output", "--logs", "--note")))
   # A SIGTERM (e.g. `timeout`) unwinds through `execute`, which then kills the running benchmark.
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
   suite = {b.name: b for b in SUITES[args.suite]}

@@ -11,10 +11,16 @@ task's `fit(initialize=...)` does, so both frameworks start from the same number
 `time_steps` times that step as the benchmarks report it: `lower().compile()` separately,
 the first and second (warm-up) steps with their metrics, then `n` timed steps, each ended by
 `jax.block_until_ready`.
+
+`DTYPES`, `torch_device`, `torch_autocast`, `torch_synced` and `sides` are the benchmarks'
+precision and PyTorch-device plumbing (`--dtype`, `--torch_device`): 'bfloat16' is the
+trainer's accelerator policy (`model.dtype='auto'` there): bfloat16 activations and matmuls,
+float32 parameters and optimizer state; the torch side runs the same under `torch.autocast`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -29,6 +35,57 @@ import numpy as np
 from benchmarks import cpu_threads
 from vigface_jax.train import loop
 from vigface_jax.train import state as state_lib
+
+DTYPES = ("float32", "bfloat16")  # --dtype: the JAX config's model.dtype; torch autocast
+
+
+def torch_device(name: str) -> str:
+  """`--torch_device`: 'auto' is 'cuda' when torch sees a GPU, else 'cpu'."""
+  import torch  # pylint: disable=g-import-not-at-top  # only the torch benchmarks need it
+  if name == "auto":
+    return "cuda" if torch.cuda.is_available() else "cpu"
+  if name == "cuda" and not torch.cuda.is_available():
+    raise ValueError("--torch_device=cuda, but torch.cuda.is_available() is False "
+                     f"(torch {torch.__version__})")
+  return name
+
+
+def torch_autocast(device: str, dtype: str):
+  """`torch.autocast(device, bfloat16)` for 'bfloat16' (float32 parameters), else a no-op."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if dtype == "float32":
+    return contextlib.nullcontext()
+  return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+
+def torch_synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+  """`fn` ended by `torch.cuda.synchronize()` on cuda (CPU torch is synchronous)."""
+  if device != "cuda":
+    return fn
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def call():
+    out = fn()
+    torch.cuda.synchronize()
+    return out
+
+  return call
+
+
+def sides(device: str, dtype: str) -> dict[str, str]:
+  """What each side ran on, for the figures' JSON and the sections' text."""
+  import torch  # pylint: disable=g-import-not-at-top
+  dev = jax.devices()[0]
+  torch_name = torch.cuda.get_device_name() if device == "cuda" else "host CPU"
+  return {"dtype": dtype, "jax_device": f"{dev.platform} ({dev.device_kind})",
+          "torch_device": f"{device} ({torch_name})"}
+
+
+def describe(r: dict[str, Any]) -> str:
+  """The section's first line about devices and precision, from `sides`' entries of `r`."""
+  precision = ("float32" if r["dtype"] == "float32" else "bfloat16 compute (activations and "
+               "matmuls; float32 parameters and optimizer state; torch: `torch.autocast`)")
+  return f"JAX on {r['jax_device']}, PyTorch on {r['torch_device']}; {precision}"
 
 
 @dataclasses.dataclass

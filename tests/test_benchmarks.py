@@ -9,6 +9,7 @@ cached, eager ones included: at tiny sizes the benchmarks' eager set-up costs mo
 jitted steps.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -47,6 +48,26 @@ def _rows(text: str, name: str) -> list[str]:
 def _references():
   require("torch", "the PyTorch references of the benchmarks (pip install -e '.[test]')")
   require("diffusers", "the sampling references of the benchmarks (pip install -e '.[test]')")
+
+
+def test_fr_step_bfloat16_on_cpu_agrees_within_the_bf16_tolerance(tmp_path):
+  """`--dtype=bfloat16 --torch_device=cpu` end to end: bf16 compute on both sides, float32
+  weights, step-1 losses within the bf16 tolerance, and the section says so."""
+  require("torch", "the PyTorch reference of fr_step (pip install -e '.[test]')")
+  md, js = tmp_path / "fr.md", tmp_path / "fr.json"
+  # fr_demo's tiny sizes (48x48, 128-d): the smallest the stage-1 benchmark runs at.
+  tiny = bench_run._FR_TINY  # pylint: disable=protected-access
+  args = [*tiny, "--input_size=48", "--embed_dim=128", "--dtype=bfloat16", "--torch_device=cpu",
+          f"--output={md}", f"--json={js}"]
+  result = subprocess.run([sys.executable, "-m", "benchmarks.fr_step", *args], env=_env(),
+                          cwd=_REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  r = json.loads(js.read_text())["figures"]
+  assert r["dtype"] == "bfloat16" and r["torch_device"].startswith("cpu"), r
+  assert r["loss_1_tol"] == 2e-2 and r["loss_1_rel"] < 2e-2, r
+  section = md.read_text()
+  assert "PyTorch on cpu (host CPU); bfloat16 compute" in section, section
+  assert "must agree to bfloat16 rounding" in section and "asserted < 0.02" in section, section
 
 
 def test_dry_run_lists_every_benchmark_and_runs_nothing(tmp_path):
@@ -196,7 +217,8 @@ def test_accelerator_script_cpu_form_runs_end_to_end(tmp_path):
   assert text.startswith("# Accelerator benchmarks")
   summary = _section(text, bench_run.SUMMARY)
   assert "\nMachine: " in summary and "| MFU |" in summary
-  assert "PyTorch side runs on the host CPU" in summary and "float32" in summary
+  # What each side ran on, from the script's JSON: bf16 compute, torch 'auto' = cpu here.
+  assert "* `fr_r50`: bfloat16; JAX on cpu (cpu), PyTorch on cpu (host CPU)." in summary, summary
   for bench in bench_run.ACCELERATOR_SUITE[:1]:
     assert bench.name == "fr_r50"
     rows = _rows(summary, bench.name)
