@@ -233,3 +233,30 @@ def test_load_backbone_errors(tmp_path):
       (out / "backbone.json").read_text().replace('"embed_dim": 16', '"embed_dim": 32'))
   with pytest.raises(ValueError, match=r"small/backbone.*shape.*re-export"):
     embed.load_backbone(out)
+
+
+def test_a_zip_bomb_or_a_lying_size_is_refused_before_it_is_read(tmp_path, torch):
+  path = tmp_path / "model.pt"
+  torch.save({"w": torch.zeros(100_000)}, path)  # 400 kB of zeros, stored uncompressed
+  assert torch_checkpoint.load_state_dict(path)["w"].shape == (100_000,)  # the control
+
+  def rewrite(out, change):
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+      for info in src.infolist():
+        data = src.read(info)
+        name, data, compress = change(info.filename, data)
+        dst.writestr(zipfile.ZipInfo(name), data, compress_type=compress)
+    return out
+
+  record = next(n for n in zipfile.ZipFile(path).namelist() if "/data/" in n)
+  # The same bytes deflated: 400 kB from about 400 bytes, 1,000x.
+  bomb = rewrite(tmp_path / "bomb.pt", lambda n, d: (
+      n, d, zipfile.ZIP_DEFLATED if n == record else zipfile.ZIP_STORED))
+  with pytest.raises(ValueError, match=r"bomb\.pt: record .*data/0.* would inflate .*zip bomb"):
+    torch_checkpoint.load_state_dict(bomb)
+  # A record shorter than the tensor the pickle declares: refused from the directory.
+  short = rewrite(tmp_path / "short.pt", lambda n, d: (
+      n, d[:1000] if n == record else d, zipfile.ZIP_STORED))
+  with pytest.raises(ValueError, match=r"short\.pt: storage record .* has 1000 bytes, expected "
+                                       r"100000 x 4"):
+    torch_checkpoint.load_state_dict(short)

@@ -7,7 +7,9 @@ that only resolves the globals a state_dict needs (`collections.OrderedDict`,
 the `torch._utils._rebuild_*` tensor constructors and the `torch.*Storage`
 types); any other global (`os.system`, `builtins.eval`, arbitrary classes) is
 refused with a `ValueError` before anything runs, so an untrusted checkpoint
-cannot execute code.
+cannot execute code. Nor can it exhaust memory: each record's size is checked in the
+zip's directory before it is read (a storage record must hold exactly the bytes its
+tensor declares; a compressed record may not inflate past `MAX_INFLATION` times).
 
 What comes back is a flat `{key: np.ndarray}` dict:
 
@@ -159,16 +161,38 @@ class _RestrictedUnpickler(pickle.Unpickler):
     _, _, key, _, numel = pid
     if key not in self._storages:
       record = f"{self._prefix}data/{key}"
-      try:
-        raw = self._archive.read(record)
-      except KeyError:
-        raise ValueError(f"{self._path}: storage record {record!r} is missing") from None
+      # Sizes are checked against the zip's directory before anything is read or inflated.
+      raw = read_record(self._archive, record, self._path, numel * dtype.itemsize,
+                        f"expected {numel} x {dtype.itemsize}")
       stored = dtype.newbyteorder("<" if self._byteorder == "little" else ">")
-      if len(raw) != numel * dtype.itemsize:
-        raise ValueError(f"{self._path}: storage record {record!r} has {len(raw)} bytes, "
-                         f"expected {numel} x {dtype.itemsize}")
       self._storages[key] = np.frombuffer(raw, dtype=stored).astype(dtype, copy=False)
     return self._storages[key]
+
+
+# torch.save stores its records uncompressed; a compressed record inflating past this many
+# times its compressed size (a zip bomb) is refused before it is read.
+MAX_INFLATION = 100
+
+
+def read_record(archive: zipfile.ZipFile, name: str, path: str, expected: int | None = None,
+                what: str = "") -> bytes:
+  """Record `name` of `archive`, after checking its declared size (`expected` bytes, if
+  given) and its compression ratio in the zip's directory: memory is bounded by the file."""
+  try:
+    info = archive.getinfo(name)
+  except KeyError:
+    raise ValueError(f"{path}: storage record {name!r} is missing") from None
+  if expected is not None and info.file_size != expected:
+    raise ValueError(f"{path}: storage record {name!r} has {info.file_size} bytes, {what}")
+  if (info.compress_type != zipfile.ZIP_STORED
+      and info.file_size > MAX_INFLATION * max(info.compress_size, 1)):
+    raise ValueError(f"{path}: record {name!r} would inflate {info.compress_size} compressed "
+                     f"bytes to {info.file_size} (over {MAX_INFLATION}x): refusing a possible "
+                     "zip bomb (torch.save stores records uncompressed)")
+  raw = archive.read(name)
+  if len(raw) != info.file_size:
+    raise ValueError(f"{path}: record {name!r} is truncated or corrupt")
+  return raw
 
 
 def _read_pickle(path: str) -> Any:
@@ -195,8 +219,8 @@ def _read_pickle(path: str) -> Any:
         byteorder = archive.read(f"{prefix}byteorder").decode("ascii").strip()
         if byteorder not in ("little", "big"):
           raise ValueError(f"{path}: unknown byteorder {byteorder!r}")
-      unpickler = _RestrictedUnpickler(archive.read(pickles[0]), path, archive, prefix,
-                                       byteorder)
+      unpickler = _RestrictedUnpickler(read_record(archive, pickles[0], path), path, archive,
+                                       prefix, byteorder)
       return unpickler.load()
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError, pickle.UnpicklingError) as e:
     raise ValueError(f"{path}: truncated or corrupt PyTorch checkpoint ({e})") from None
