@@ -606,3 +606,18 @@ def test_verify_end_to_end(tmp_path):
   # pair trains on pairs that are all farther apart, so its VAL threshold accepts that pair
   # (FAR 1 there); every other fold's threshold sits just past that closest pair: FAR 0.
   assert out["far"] == pytest.approx(0.1, abs=1e-12)
+
+
+def test_a_huge_declared_size_allocates_nothing(tmp_path):
+  """BINBYTES8 / BINUNICODE8 claiming 8 GiB, then three bytes: an error naming the file, and
+  the loader's peak memory stays far below the claim (it reads what the file holds)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  for opcode in (b"\x8e", b"\x8d"):  # BINBYTES8, BINUNICODE8
+    path = tmp_path / "huge.bin"
+    path.write_bytes(b"\x80\x04" + opcode + struct.pack("<Q", 8 << 30) + b"abc")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match=r"huge\.bin: truncated or corrupt"):
+      ver.load_bin(path)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 256 << 10, grown_kib  # under 256 MiB of the 8 GiB claimed
