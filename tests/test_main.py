@@ -94,3 +94,24 @@ def test_command_line_errors_are_one_readable_line(tmp_path):
   assert 'Did you mean "num_pairs"' in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "config.json").exists()
+
+
+def test_jobs_keep_compiled_programs_in_a_persistent_cache(tmp_path):
+  """`main` sets JAX's persistent compilation cache: the user cache directory by default,
+  JAX_COMPILATION_CACHE_DIR when set, none when that is empty."""
+  home = tmp_path / "home"
+  assert main_lib.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/x"}) == "/x"
+  assert main_lib.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": ""}) is None
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("XLA_") and k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(HOME=str(home), JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+  proc = subprocess.run([sys.executable, "-m", "vigface_jax.main",
+                         "--config=configs/preview.py:tiny", f"--workdir={tmp_path / 'w'}"],
+                        env=env, cwd=pathlib.Path(__file__).resolve().parents[1],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  cache = home / ".cache" / "vigface_jax" / "xla"
+  assert cache.is_dir() and any(cache.iterdir()), "no compiled program was cached"
+  assert main_lib.compilation_cache_dir({}) == os.path.join(
+      os.path.expanduser("~"), ".cache", "vigface_jax", "xla")
