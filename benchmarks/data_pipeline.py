@@ -473,10 +473,21 @@ def to_markdown(info: dict[str, Any], render: list[dict[str, Any]], rows: list[R
   return "\n".join(lines) + "\n"
 
 
+def _section_pattern(heading: str) -> re.Pattern[str]:
+  """The `heading` section of a markdown file: from the heading up to the next `## ` one."""
+  return re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+
+
+def section_of(text: str, heading: str) -> str | None:
+  """The `heading` section of `text` (see `write_section`), or None."""
+  found = _section_pattern(heading).search(text)
+  return found.group(0) if found else None
+
+
 def write_section(path: pathlib.Path, section: str, heading: str = SECTION) -> None:
   """Replaces the `heading` section (up to the next `## ` heading) in `path`, or appends it."""
   text = path.read_text(encoding="utf-8") if path.exists() else _HEADER
-  pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+  pattern = _section_pattern(heading)
   if pattern.search(text):
     text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
   else:

@@ -57,7 +57,6 @@ import importlib.metadata
 import json
 import os
 import pathlib
-import re
 import shlex
 import shutil
 import signal
@@ -527,11 +526,6 @@ def failed_section(result: Result, old: str | None, date: str) -> str:
   return "\n".join([lines[0], "", note, ""] + lines[1:]) + "\n"
 
 
-def _section_of(text: str, heading: str) -> str | None:
-  found = re.search(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
-  return found.group(0) if found else None
-
-
 def _version(dist: str) -> str:
   try:
     return importlib.metadata.version(dist)
@@ -553,7 +547,7 @@ def write(path: pathlib.Path, results: list[Result], finished: Result, info: dic
   if finished.ok:
     dp.write_section(path, section_text(finished, info, command), finished.bench.heading)
   else:
-    old = _section_of(path.read_text(encoding="utf-8"), finished.bench.heading)
+    old = dp.section_of(path.read_text(encoding="utf-8"), finished.bench.heading)
     dp.write_section(path, failed_section(finished, old, info["date"]), finished.bench.heading)
   kinds = sorted({_device(r).get("device_kind", "") for r in results} - {""})
   lines = dp.section_header(SUMMARY, "benchmarks.run", info)
@@ -578,7 +572,7 @@ def write(path: pathlib.Path, results: list[Result], finished: Result, info: dic
   lines += ["", *_TABLE, *(row for r in results for row in suite_rows(r))]
   text = path.read_text(encoding="utf-8")
   summary = "\n".join(lines) + "\n"
-  if _section_of(text, SUMMARY) is None and "\n## " in text:  # first, above the sections
+  if dp.section_of(text, SUMMARY) is None and "\n## " in text:  # first, above the sections
     i = text.index("\n## ") + 1
     path.write_text(text[:i] + summary + "\n" + text[i:], encoding="utf-8")
   else:

@@ -74,10 +74,9 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   # Must precede anything that creates a JAX backend.
   parallel.maybe_initialize_distributed(config.distributed)
-  cache = compilation_cache_dir()
-  if cache and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # when set, JAX reads it itself
     import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir())
   try:
     with preemption.watch():
       tasks.run(config, _WORKDIR.value)

@@ -49,6 +49,7 @@ from absl import logging
 import numpy as np
 import tqdm
 
+from vigface_jax import metrics
 from vigface_jax.data import arrayrecord
 from vigface_jax.data import imagefolder
 from vigface_jax.data import landmark_files
@@ -277,7 +278,7 @@ def export(workdir: str | os.PathLike, formats: Iterable[str] = FORMATS, *,
   for f in formats:
     _replace_dir(tmp[f], final[f])
   identities_path = os.path.join(workdir, IDENTITIES_FILE)
-  store_lib.atomic_write(identities_path, store_lib.dumps(table))
+  metrics.atomic_write(identities_path, store_lib.dumps(table))
   logging.info("export: %d images of %d identities (%d dropped) to %s as %s.", total, classes,
                len(source.excluded), workdir, ", ".join(formats))
   return {"num_images": total, "num_classes": classes, "image_format": image_format,

@@ -46,7 +46,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from vigface_jax.metrics import TEMP_RE as _TMP_RE, atomic_write  # export.py uses it too
+from vigface_jax.metrics import TEMP_RE as _TMP_RE, atomic_write
 from vigface_jax.data import codec
 
 IMAGE_SIZE = 112

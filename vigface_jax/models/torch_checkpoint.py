@@ -189,10 +189,7 @@ def read_record(archive: zipfile.ZipFile, name: str, path: str, expected: int | 
     raise ValueError(f"{path}: record {name!r} would inflate {info.compress_size} compressed "
                      f"bytes to {info.file_size} (over {MAX_INFLATION}x): refusing a possible "
                      "zip bomb (torch.save stores records uncompressed)")
-  raw = archive.read(name)
-  if len(raw) != info.file_size:
-    raise ValueError(f"{path}: record {name!r} is truncated or corrupt")
-  return raw
+  return archive.read(name)  # zipfile itself checks the length and CRC as it reads
 
 
 def _read_pickle(path: str) -> Any:
