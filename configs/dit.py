@@ -83,6 +83,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # holding a landmark's dot would see it. () = the landmark image alone (the paper).
   # σ in pixels at model.image_size: the demo's (2.6, 6.9) at 48 are (6, 16) at 112.
   config.model.landmark_blur = ((2.6, 6.9) if demo else (6.0, 16.0)) if small else ()
+  # U-ViT's long skips (Bao et al. 2023): the first depth/2 blocks' outputs feed the last
+  # depth/2 blocks through Linear([h, kept]) (models/dit.py), for pixel detail that would
+  # otherwise pass every block. Off = DiT (the paper).
+  config.model.long_skips = False
+  # A zero-initialised 3×3 convolution added to the output image (U-ViT's), the one filter
+  # that sees across patch borders. Off = DiT.
+  config.model.output_conv = False
   config.model.num_real = config_dict.placeholder(int)  # None: the source's num_classes
 
   config.diffusion = config_dict.ConfigDict()

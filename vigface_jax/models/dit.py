@@ -23,11 +23,19 @@ Structure (`DiT.__call__(x, t, cond)`):
 * **Blocks.** adaLN-Zero transformer blocks: `SiLU(c) -> Linear(6 * hidden)` gives
   shift/scale/gate for attention and MLP; LayerNorm without affine (eps 1e-6);
   multi-head self-attention via `jax.nn.dot_product_attention`; MLP with tanh-GELU.
+* **Long skips** (`long_skips=True`, not in DiT; U-ViT's, Bao et al. 2023, "All are Worth
+  Words"): the outputs of the first `depth // 2` blocks are kept, and before each of the last
+  `depth // 2` blocks the stream becomes `Linear([h, kept])` with the mirror block's output
+  (block `depth − 1 − i` takes block `i`'s), so fine detail of the input reaches the output
+  without passing every block. Each skip is initialised to `[I; 0]` (the stream unchanged),
+  so the network still starts as DiT does.
 * **Final layer.** adaLN (shift/scale) + LayerNorm + `Linear(p * p * out_channels)`,
   then unpatchify to `[b, H, W, out_channels]` (always float32). With `output_overlap=m`
   (not in DiT) each token predicts a `(p + 2m)²` window instead, and `fold_patches`
   overlap-adds the windows with linear cross-fades `2m` pixels wide across every patch
-  border, so neighbouring tokens blend instead of meeting at a step.
+  border, so neighbouring tokens blend instead of meeting at a step. With `output_conv=True`
+  (U-ViT's output convolution) a zero-initialised 3×3 convolution over the whole image is
+  added to it, `y + Conv3x3(y)`: one filter that sees across every patch border.
 
 Initialisation follows DiT's `initialize_weights`: xavier-uniform dense kernels (the
 patch embedding on its flattened `[p * p * C, hidden]` kernel) and zero biases, normal(0.02)
@@ -241,9 +249,34 @@ class FinalLayer(nnx.Module):
     return self.linear(x.astype(self.dtype)).astype(jnp.float32)
 
 
-def _run_blocks(blocks: Any, h: jax.Array, c: jax.Array, *, remat: bool, scan: bool
-                ) -> jax.Array:
-  """Runs the blocks (a list, or one stacked block when `scan`), optionally rematerialised.
+class LongSkips(nnx.Module):
+  """U-ViT's long skip connections: `k` linear maps `[h, kept] (2·hidden) -> hidden`.
+
+  Stacked over the `k` skips (`kernel` `[k, 2·hidden, hidden]`), so the scanned and the
+  unrolled block loops read the same parameters. Initialised to `[I; 0]` and zero bias: each
+  skip passes the stream through unchanged until training gives the kept output a weight.
+  """
+
+  def __init__(self, count: int, hidden: int, c: layers.Common):
+    eye = jnp.concatenate([jnp.eye(hidden), jnp.zeros((hidden, hidden))], axis=0)
+    self.dtype = c.dtype
+    self.kernel = nnx.Param(jnp.tile(eye[None], (count, 1, 1)).astype(c.param_dtype),
+                            **layers.meta("layers", "skip", "embed"))
+    self.bias = nnx.Param(jnp.zeros((count, hidden), c.param_dtype),
+                          **layers.meta("layers", "embed"))
+
+  def apply(self, kernel: jax.Array, bias: jax.Array, h: jax.Array, kept: jax.Array
+            ) -> jax.Array:
+    """One skip (`kernel` `[2·hidden, hidden]`): float32 `[b, n, hidden]`."""
+    x = jnp.concatenate([h, kept], axis=-1).astype(self.dtype)
+    y = jnp.einsum("bnd,de->bne", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return y.astype(jnp.float32)
+
+
+def _run_blocks(blocks: Any, h: jax.Array, c: jax.Array, *, remat: bool, scan: bool,
+                skips: LongSkips | None = None) -> jax.Array:
+  """Runs the blocks (a list, or one stacked block when `scan`), optionally rematerialised,
+  with U-ViT's long skips when `skips` is given (see the module docstring).
 
   Scan and remat are plain `jax.lax.scan` / `jax.checkpoint` over the blocks' split state,
   re-merged inside, not `nnx.scan` / `nnx.remat`: those refuse modules created at another trace
@@ -260,15 +293,47 @@ def _run_blocks(blocks: Any, h: jax.Array, c: jax.Array, *, remat: bool, scan: b
 
   if scan:
     graphdef, state = nnx.split(blocks)
-    # One block's slice of the stacked state; the scan replaces the leading (depth) axis.
-    h, _ = jax.lax.scan(lambda h, s: (step(graphdef, s, h), None), h, state)
-    return h
-  for block in blocks:
+    depth = jax.tree.leaves(state)[0].shape[0]
+  else:
+    listed = list(blocks)
+    depth = len(listed)
+
+  def call(i: int, h: jax.Array) -> jax.Array:  # unrolled block i
     if remat:
-      graphdef, state = nnx.split(block)
-      h = step(graphdef, state, h)
-    else:
-      h = block(h, c)
+      return step(*nnx.split(listed[i]), h)
+    return listed[i](h, c)
+
+  k = depth // 2 if skips is not None else 0
+
+  def run(h: jax.Array, lo: int, hi: int, keep: bool = False, kept: Any = None):
+    """Blocks lo..hi−1; `keep`: also return their outputs; `kept`: skip inputs (in order)."""
+    if hi <= lo:
+      return h, None
+    if scan:
+      part = jax.tree.map(lambda x: x[lo:hi], state)
+
+      def body(h, xs):
+        s, skip = xs
+        if skip is not None:
+          kernel, bias, kept_i = skip
+          h = skips.apply(kernel, bias, h, kept_i)
+        h = step(graphdef, s, h)
+        return h, (h if keep else None)
+
+      extra = None if kept is None else (skips.kernel[...], skips.bias[...], kept)
+      return jax.lax.scan(body, h, (part, extra))
+    outs = []
+    for j, i in enumerate(range(lo, hi)):
+      if kept is not None:
+        h = skips.apply(skips.kernel[...][j], skips.bias[...][j], h, kept[j])
+      h = call(i, h)
+      outs.append(h)
+    return h, (jnp.stack(outs) if keep else None)
+
+  h, saved = run(h, 0, k, keep=k > 0)
+  h, _ = run(h, k, depth - k)
+  if k:
+    h, _ = run(h, depth - k, depth, kept=saved[::-1])
   return h
 
 
@@ -295,6 +360,8 @@ class DiT(nnx.Module):
       remat: bool = False,
       scan_blocks: bool = False,
       output_overlap: int = 0,
+      long_skips: bool = False,
+      output_conv: bool = False,
       rngs: nnx.Rngs,
   ):
     """Creates a DiT initialised as DiT's `initialize_weights` (output exactly zero).
@@ -324,6 +391,9 @@ class DiT(nnx.Module):
         predict their patches independently, so an undertrained DiT with large patches draws
         a mosaic with a step at every border; the cross-fade makes the image continuous
         wherever the tokens' own windows are, at the cost of a wider final layer.
+      long_skips: U-ViT's long skip connections between the first and last `depth // 2`
+        blocks (module docstring), each initialised to pass the stream through.
+      output_conv: a zero-initialised 3×3 convolution added to the output image.
       rngs: initialisation RNGs.
 
     Raises:
@@ -369,8 +439,11 @@ class DiT(nnx.Module):
     else:
       self.blocks = nnx.List([DiTBlock(hidden, v.heads, mlp_ratio, c, rngs)
                               for _ in range(v.depth)])
+    self.long_skips = LongSkips(v.depth // 2, hidden, c) if long_skips else None
     window = patch_size + 2 * self.output_overlap
     self.final_layer = FinalLayer(hidden, window * window * out_channels, c, rngs)
+    self.output_conv = (c.conv(out_channels, out_channels, (3, 3), rngs, padding="SAME",
+                               kernel_init=layers.ZEROS) if output_conv else None)
 
   @property
   def grid_size(self) -> int:
@@ -426,11 +499,16 @@ class DiT(nnx.Module):
     h = self.x_embedder(self.patchify(x.astype(self.dtype))).astype(jnp.float32)
     h = h + jnp.asarray(pos)[None]
     c = self.embed_condition(t, cond)
-    h = _run_blocks(self.blocks, h, c, remat=self.remat, scan=self.scan_blocks)
+    h = _run_blocks(self.blocks, h, c, remat=self.remat, scan=self.scan_blocks,
+                    skips=self.long_skips)
     out = self.final_layer(h, c)
     if self.output_overlap:
-      return fold_patches(out, self.patch_size, self.output_overlap)
-    return self.unpatchify(out)
+      y = fold_patches(out, self.patch_size, self.output_overlap)
+    else:
+      y = self.unpatchify(out)
+    if self.output_conv is not None:
+      y = y + self.output_conv(y.astype(self.dtype)).astype(jnp.float32)
+    return y
 
 
 # --- Overlapping output windows --------------------------------------------

@@ -48,12 +48,14 @@ class Stage2(nnx.Module):
   def __init__(self, variant: str, *, patch_size: int, fr_arch: str, embed_dim: int,
                fr_input_size: int, num_real: int, landmark_blur: tuple[float, ...] = (),
                dtype: Any = jnp.float32, remat: bool = False, scan_blocks: bool = False,
-               output_overlap: int = 0, image_size: int = OUTPUT_SIZE, rngs: nnx.Rngs):
+               output_overlap: int = 0, image_size: int = OUTPUT_SIZE, long_skips: bool = False,
+               output_conv: bool = False, rngs: nnx.Rngs):
     """Args: the DiT's `dit.VARIANTS` name and patch size; the stage-1 backbone's arch,
     embedding size (= the rows' size) and input side; the number of real rows; σ of the
     blurred landmark copies (in pixels at `image_size`); the DiT's compute dtype, remat,
     scan over blocks and output overlap (`models.dit.DiT`); the side the DiT draws at
-    (≤ 112); initialisation RNGs."""
+    (≤ 112); U-ViT's long skips and output convolution (`models.dit.DiT`); initialisation
+    RNGs."""
     if not 0 < int(image_size) <= OUTPUT_SIZE:
       raise ValueError(f"image_size must be in [1, {OUTPUT_SIZE}], got {image_size}")
     self.landmark_blur = tuple(float(s) for s in landmark_blur)
@@ -63,7 +65,8 @@ class Stage2(nnx.Module):
                            in_channels=input_channels(self.landmark_blur),
                            cond_scale=math.sqrt(embed_dim),  # unit rows → unit RMS
                            dtype=dtype, remat=bool(remat), scan_blocks=bool(scan_blocks),
-                           output_overlap=int(output_overlap), rngs=rngs)
+                           output_overlap=int(output_overlap), long_skips=bool(long_skips),
+                           output_conv=bool(output_conv), rngs=rngs)
     self.fr = iresnet.IResNet(fr_arch, embed_dim=embed_dim, input_size=fr_input_size, rngs=rngs)
     self.fr.eval()
     self.fr_input_size = int(fr_input_size)
@@ -108,7 +111,10 @@ def builder(model: Any, fr_info: dict[str, Any], num_real: int):
       dtype=face_recognizer.compute_dtype(model.dtype), remat=bool(model.remat),
       scan_blocks=bool(model.scan_blocks), output_overlap=int(model.output_overlap),
       # Absent from configs saved before the field existed: those DiTs drew at 112.
-      image_size=int(model.get("image_size", None) or OUTPUT_SIZE))
+      image_size=int(model.get("image_size", None) or OUTPUT_SIZE),
+      # Absent from configs saved before the fields existed: those DiTs had neither.
+      long_skips=bool(model.get("long_skips", False)),
+      output_conv=bool(model.get("output_conv", False)))
 
 
 def resize(images: jax.Array, size: int) -> jax.Array:

@@ -108,6 +108,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   m.bool("remat")
   m.bool("scan_blocks")
   m.int("output_overlap", 0)
+  m.bool("long_skips")
+  m.bool("output_conv")
   blur = m.get("landmark_blur")
   try:
     sigmas = tuple(float(v) for v in (() if blur is None else blur))
