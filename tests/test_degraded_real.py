@@ -19,3 +19,18 @@ def test_blur_degrades_and_zero_keeps_the_real_faces(tmp_path):
   hf = lambda x: np.abs(np.diff(x.astype(np.float32), axis=1)).mean()
   assert hf(blur) < 0.6 * hf(real)  # 0.53 measured; the clean copy is 1.0
   assert sorted(p.name for p in (tmp_path / "blur").iterdir()) == ["0000", "0001"]
+
+
+def test_pose_scale_and_occluders_change_only_what_they_say(tmp_path):
+  degraded_real.write_folder(str(tmp_path / "same"), 0.0, 3, 4, pose_scale=1.0, occluders=True)
+  degraded_real.write_folder(str(tmp_path / "flat"), 0.0, 3, 4, pose_scale=0.0)
+  degraded_real.write_folder(str(tmp_path / "bare"), 0.0, 3, 4, occluders=False)
+  load = lambda d, i, j: np.asarray(Image.open(tmp_path / d / f"{i:04d}" / f"{j:03d}.png"))
+  pose = lambda i, j: max(abs(faces.nuisance(0, i, j)[a]) for a in ("yaw", "pitch", "roll"))
+  occluded = lambda i, j: any(faces.nuisance(0, i, j)[k] for k in degraded_real._OCCLUDERS)
+  for i in range(3):
+    for j in range(4):
+      np.testing.assert_array_equal(load("same", i, j), faces.render_face(0, i, j)[0])
+      assert (pose(i, j) > 1) == bool(np.any(load("flat", i, j) != load("same", i, j)))
+      assert occluded(i, j) == bool(np.any(load("bare", i, j) != load("same", i, j)))
+  assert any(occluded(i, j) for i in range(3) for j in range(4))  # the case is exercised

@@ -320,9 +320,55 @@ def test_remat_and_scan_inside_a_sampler_loop(tiny_random):
   np.testing.assert_allclose(run(remat), ref, rtol=0, atol=1e-5)
 
 
+def test_long_skips_and_output_conv(tiny_random):
+  """U-ViT's options: zero at init, exactly DiT while the skips are [I; 0] and the conv zero,
+  a different function once they are trained, the same function scanned / rematerialised,
+  and gradients that reach both."""
+  x, t, cond = _inputs(6, size=24)
+  kw = dict(patch_size=6, input_size=24, output_overlap=1)
+  model = dit.DiT("tiny", long_skips=True, output_conv=True, rngs=nnx.Rngs(2), **kw)
+  assert not np.any(np.asarray(_forward(model, x, t, cond)))
+  assert model.long_skips.kernel.shape == (1, 64, 32)  # depth 2: one skip, block 1 ← block 0
+  plain = dit.DiT("tiny", rngs=nnx.Rngs(2), **kw)
+  _randomize(plain, 3)
+  ref = np.asarray(_forward(plain, x, t, cond))
+  pure = nnx.to_pure_dict(nnx.state(plain, nnx.Param))
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, {**nnx.to_pure_dict(state), **pure})
+  nnx.update(model, state)
+  np.testing.assert_array_equal(np.asarray(_forward(model, x, t, cond)), ref)
+
+  def perturb(path, kernel, seed):
+    leaf = getattr(getattr(model, path), kernel)
+    leaf[...] = leaf[...] + 0.05 * jax.random.normal(jax.random.key(seed), leaf.shape)
+
+  perturb("long_skips", "kernel", 4)
+  with_skips = np.asarray(_forward(model, x, t, cond))
+  assert np.abs(with_skips - ref).max() > 1e-2
+  perturb("output_conv", "kernel", 5)
+  both = np.asarray(_forward(model, x, t, cond))
+  assert np.abs(both - with_skips).max() > 1e-3
+  scanned = dit.DiT("tiny", long_skips=True, output_conv=True, scan_blocks=True, remat=True,
+                    rngs=nnx.Rngs(7), **kw)
+  dit.copy_into_scanned(model, scanned)
+  np.testing.assert_allclose(np.asarray(_forward(scanned, x, t, cond)), both, rtol=0, atol=1e-5)
+
+  def loss(m):
+    return jnp.mean(jnp.square(m(x, t, cond)))
+
+  g_scan = nnx.jit(nnx.grad(loss))(scanned)
+  g_plain = nnx.jit(nnx.grad(loss))(model)
+  for name in ("long_skips", "output_conv"):
+    g = np.asarray(g_plain[name]["kernel"][...])
+    assert np.abs(g).max() > 0, name
+    np.testing.assert_allclose(np.asarray(g_scan[name]["kernel"][...]), g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{}, {"long_skips": True, "output_conv": True}])
 @pytest.mark.parametrize("scan_blocks", [False, True])
-def test_logical_axes_on_every_param(scan_blocks):
-  model = nnx.eval_shape(lambda: dit.DiT("tiny", scan_blocks=scan_blocks, rngs=nnx.Rngs(0)))
+def test_logical_axes_on_every_param(scan_blocks, options):
+  model = nnx.eval_shape(lambda: dit.DiT("tiny", scan_blocks=scan_blocks, rngs=nnx.Rngs(0),
+                                         **options))
   params = nnx.state(model, nnx.Param)
   specs = nnx.get_partition_spec(params)
   shapes = jax.tree.leaves(params)

@@ -123,6 +123,24 @@ def test_orthogonal_virtual_rows_pass():
   assert verdict["virtual_nearest_real_p99"] < verdict["real_nearest_real_median"]
 
 
+def test_real_span_says_where_virtual_rows_live():
+  """Virtual rows outside the real rows' span (what a stage-2 DiT trained on real rows never
+  saw) read near 0 inside; the control, virtual rows mixed from real ones, near 1."""
+  rows = _orthogonal_case(n=40, k=10, dim=24)
+  span = prototypes.separability(rows, 40, class_axis=0, block=7)["real_span"]
+  assert span["embed_dim"] == 24 and span["energies"] == [0.9, 0.99]
+  assert span["real_dims"][0] <= span["real_dims"][1] <= 12
+  assert span["real_dims"][1] >= 10  # 40 Gaussian rows in 12 dims fill most of them
+  assert span["virtual_energy_inside"] < 1e-6
+  mixed = rows.copy()
+  mixed[40:] = np.random.default_rng(1).normal(size=(10, 40)) @ rows[:40]
+  span = prototypes.separability(mixed, 40, class_axis=0)["real_span"]
+  assert span["virtual_energy_inside"] > 0.9
+  iso = np.random.default_rng(2).normal(size=(200, 24))
+  assert prototypes.real_span(iso / np.linalg.norm(iso, axis=1, keepdims=True),
+                              200)["real_dims"][1] >= 20
+
+
 def test_duplicated_real_row_fails():
   rows = _orthogonal_case()
   rows[15] = 3.0 * rows[4]  # virtual row 15 is real row 4 (scale is irrelevant)
@@ -178,3 +196,21 @@ def test_figure_with_real_rows_only(tmp_path):
   prototypes.similarity_figure(rng.normal(size=(8, 20)), 20, path, sample=256)
   with Image.open(path) as image:
     assert image.size[0] > 100
+
+
+def test_row_span_benchmark_on_a_tiny_stage1(tiny_stage_runs, tmp_path):
+  """`benchmarks/row_span.py` on a finished stage 1: the same span as the prototypes, features
+  of faces mostly inside it; a missing export folder is named."""
+  from benchmarks import row_span  # pylint: disable=g-import-not-at-top
+  s1 = tiny_stage_runs["stage1"]
+  got = row_span.measure(s1, num_ids=2, per_id=2)
+  with np.load(os.path.join(s1, "prototypes.npz")) as z:
+    want = prototypes.real_span(np.concatenate([z["real"], z["virtual"]]), len(z["real"]))
+  assert got["real_span"] == want
+  assert set(got["features_inside"]) == {"training people", "unseen people"}
+  assert all(0.0 <= v <= 1.0 + 1e-6 for v in got["features_inside"].values())
+  assert got["images_per_kind"] == {"training people": 4, "unseen people": 4}
+  basis = prototypes.real_directions(np.asarray([[1.0, 0.0], [0.0, 1.0]]), 1)[1][:, :1]
+  assert row_span._share(np.asarray([[3.0, 0.0], [0.0, 2.0]]), basis) == 0.5  # pylint: disable=protected-access
+  with pytest.raises(FileNotFoundError, match="imagefolder"):
+    row_span.measure(s1, str(tmp_path), num_ids=1, per_id=1)

@@ -441,12 +441,18 @@ def render(ident: Identity, q: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
   return image, points
 
 
+def nuisance(seed: int, identity_id: int, index: int,
+             yaw: float | None = None) -> dict[str, Any]:
+  """The nuisance factors of image `index` of identity `identity_id` under `seed`."""
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(identity_id), int(index),
+                                                      104729]))
+  return sample_nuisance(rng, yaw=yaw)
+
+
 def render_face(seed: int, identity_id: int, index: int,
                 yaw: float | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Image `index` of identity `identity_id` under `seed` (optionally forcing the yaw)."""
-  rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(identity_id), int(index),
-                                                      104729]))
-  return render(identity(seed, identity_id), sample_nuisance(rng, yaw=yaw))
+  return render(identity(seed, identity_id), nuisance(seed, identity_id, index, yaw=yaw))
 
 
 class ProceduralFaceSource:

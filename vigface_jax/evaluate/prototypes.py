@@ -213,9 +213,54 @@ def separability(centres: Any, num_real: int, *, block: int = 4096,
       "nearest_real_to_virtual": _summary(near_real_cos[n:]),
       "nearest_real_to_real": _summary(near_real_cos[:n]),
   }
+  result["real_span"] = real_span(x, n, block=block)
   result["verdict"] = _verdict(result)
   result["per_row"] = per_row
   return result
+
+
+def real_directions(x: np.ndarray, num_real: int, *, block: int = 4096
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """The real rows' principal directions (uncentred second moment `[d, d]`, accumulated
+  `block` rows at a time): `(cumulative energy share [d], directions [d, d] as columns)`,
+  largest first. Rows `[0, num_real)` of `x` are the real ones."""
+  x = np.asarray(x)
+  dim = x.shape[1]
+  moment = np.zeros((dim, dim), np.float64)
+  for i in range(0, int(num_real), block):
+    r = x[i:min(i + block, int(num_real))].astype(np.float64)
+    moment += r.T @ r
+  values, vectors = np.linalg.eigh(moment)
+  values, vectors = values[::-1].clip(min=0), vectors[:, ::-1]
+  return np.cumsum(values) / max(values.sum(), 1e-30), vectors
+
+
+def real_span(x: np.ndarray, num_real: int, *, block: int = 4096,
+              energies: tuple[float, ...] = (0.9, 0.99)) -> dict[str, Any]:
+  """How much of the row space the real rows fill, and how much of it the virtual rows use.
+
+  The stage-2 DiT sees a row through a linear projection trained on real rows only: in a
+  direction where real rows have no energy its weights never receive a gradient, so the part
+  of a virtual row lying there reaches the generator through untrained weights. From
+  `real_directions`: the number of principal directions holding each fraction of `energies`
+  of the real rows' energy, and the mean fraction of a virtual row's energy inside the
+  directions holding the largest of them (rows are unit vectors; 1 = virtual rows live where
+  real rows do). `benchmarks/row_span.py` measures the same share for faces' features.
+  """
+  x = np.asarray(x)
+  n, dim = int(num_real), x.shape[1]
+  out: dict[str, Any] = {"embed_dim": dim, "energies": list(energies)}
+  if n == 0:
+    return out
+  cumulative, vectors = real_directions(x, n, block=block)
+  dims = [int(min(np.searchsorted(cumulative, q - 1e-12) + 1, dim)) for q in energies]
+  out["real_dims"] = dims
+  if x.shape[0] > n:
+    basis = vectors[:, :dims[-1]]
+    inside = [np.sum(np.square(x[i:i + block].astype(np.float64) @ basis), axis=1)
+              for i in range(n, x.shape[0], block)]
+    out["virtual_energy_inside"] = float(np.mean(np.concatenate(inside)))
+  return out
 
 
 def _scan(x: np.ndarray, n: int, block: int, *, nearest: bool
