@@ -90,6 +90,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # A zero-initialised 3×3 convolution added to the output image (U-ViT's), the one filter
   # that sees across patch borders. Off = DiT.
   config.model.output_conv = False
+  # The landmark image's per-colour moments (centroid and spread of the eyes', nose's and mouth
+  # corners' dots: 15 numbers, models/stage2.py landmark_moments) projected into the condition
+  # c = t_emb + Linear(row) + Linear(moments): every block sees the pose, not only the tokens
+  # under the dots. Off = the paper (the landmark image as input channels only).
+  config.model.landmark_pose = False
   config.model.num_real = config_dict.placeholder(int)  # None: the source's num_classes
 
   config.diffusion = config_dict.ConfigDict()

@@ -273,9 +273,57 @@ def test_reduced_size_targets_are_what_the_fr_network_sees():
 
 def test_a_stage2_config_saved_before_image_size_builds_a_112_dit(stage1):
   model_section = ml_collections.ConfigDict(dit_config.get_config("tiny").model.to_dict())
-  del model_section["image_size"]
+  for later in ("image_size", "long_skips", "output_conv", "landmark_pose"):
+    del model_section[later]
   model = stage2.builder(model_section, embed_lib.read_info(stage1)[1], 16)(rngs=nnx.Rngs(0))
   assert model.dit.input_size == 112 and model.image_size == 112
+  assert model.dit.long_skips is None and model.dit.output_conv is None
+  assert not model.landmark_pose and model.dit.extra_proj is None
+
+
+def _moments(points, size=48):
+  image = stage2.resize(jnp.asarray(stage2.model_landmarks(np.asarray(points, np.float32))), size)
+  return np.asarray(stage2.landmark_moments(image)).reshape(-1, 5, 3)
+
+
+def test_landmark_moments_say_where_the_points_are():
+  template = landmarks_lib.ARCFACE_TEMPLATE[None]
+  np.testing.assert_allclose(_moments(template), 0.0, atol=5e-3)  # the reference pose
+  assert not np.any(np.asarray(stage2.landmark_moments(-jnp.ones((2, 48, 48, 3)))))  # none
+  moved = _moments(template + np.array([8.0, 0.0]))[0]  # 8 px right at 112 = 0.143 of [-1, 1]
+  np.testing.assert_allclose(moved[0], 8 / 112 * 2 / 0.05, rtol=0.03)  # every colour's x
+  np.testing.assert_allclose(moved[1:], 0.0, atol=0.05)  # nothing else
+  right, left = (_moments(faces.render_face(0, 5, 2, yaw=y)[1][None])[0] for y in (40.0, -40.0))
+  assert right[0, 1] * left[0, 1] < 0 and abs(right[0, 1] - left[0, 1]) > 2  # the nose's x
+  assert right[2, 0] < 0 and left[2, 0] < 0  # both turns narrow the eyes' spread
+
+
+def test_stage2_with_the_pixel_options_trains_and_follows_the_pose_vector(stage1, tmp_path):
+  """U-ViT's skips and output conv and the landmark moments: a tiny run trains, and the
+  moments reach the prediction (with the DiT's output layers random, moved points change it
+  through `c` even where no dot lies)."""
+  config = _tiny(stage1)
+  config.model.long_skips = config.model.output_conv = config.model.landmark_pose = True
+  for name in ("identity", "landmarks", "guidance_sweep"):
+    config.evals[name].every = -1
+  summary = dit.run(config, str(tmp_path / "dit_options"))
+  assert np.isfinite(summary["train/loss_diffusion"])
+  model = stage2.builder(config.model, embed_lib.read_info(stage1)[1], 16)(rngs=nnx.Rngs(0))
+  assert model.dit.extra_proj.kernel.shape == (stage2.POSE_FEATURES, 32)
+  final = model.dit.final_layer
+  for layer in (final.linear, final.adaLN_modulation):
+    layer.kernel[...] = 0.1 * jax.random.normal(jax.random.key(1), layer.kernel.shape)
+  points = np.stack([landmarks_lib.ARCFACE_TEMPLATE] * 2).astype(np.float32)
+  points[1] += 8.0
+  channels = model.landmark_channels(jnp.asarray(stage2.model_landmarks(points)))
+  x = jnp.zeros((2, 112, 112, 3))
+  rows = jnp.zeros((2, model.rows.shape[1]))
+  pred = np.asarray(model.denoise(x, jnp.array([500, 500]), rows, channels))
+  corner = (slice(0, 16), slice(0, 16))  # no dot within 16 px of this tile in either set
+  assert np.abs(pred[0][corner] - pred[1][corner]).max() > 1e-4
+  model.landmark_pose = False  # the channels alone cannot move the far corner's token
+  with pytest.raises(ValueError, match="extra must be"):
+    model.denoise(x, jnp.array([500, 500]), rows, channels)
 
 
 @pytest.mark.parametrize("size,patch,field", [(40, 16, "model.patch_size"),

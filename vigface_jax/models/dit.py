@@ -15,7 +15,8 @@ Structure (`DiT.__call__(x, t, cond)`):
   `get_2d_sincos_pos_embed`, computed with numpy; a constant, not a parameter).
 * **Conditioning.** `c = TimestepEmbedder(t) + Linear(cond_scale · cond)`: DiT's 256-frequency
   sinusoidal embedding followed by `Linear -> SiLU -> Linear`, and a learned projection
-  of the condition row (replacing DiT's `LabelEmbedder`).
+  of the condition row (replacing DiT's `LabelEmbedder`). With `extra_cond_dim` > 0 a second
+  vector (stage 2's landmark moments) adds `Linear(extra)` to `c`.
 * **Null condition.** Classifier-free guidance uses the **zero vector** as the
   unconditional input. Since `Linear(0) = bias`, a zero row gives exactly the learned
   "unconditional" embedding `cond_proj.bias`; `cond=None` computes that path directly
@@ -362,6 +363,7 @@ class DiT(nnx.Module):
       output_overlap: int = 0,
       long_skips: bool = False,
       output_conv: bool = False,
+      extra_cond_dim: int = 0,
       rngs: nnx.Rngs,
   ):
     """Creates a DiT initialised as DiT's `initialize_weights` (output exactly zero).
@@ -394,6 +396,8 @@ class DiT(nnx.Module):
       long_skips: U-ViT's long skip connections between the first and last `depth // 2`
         blocks (module docstring), each initialised to pass the stream through.
       output_conv: a zero-initialised 3×3 convolution added to the output image.
+      extra_cond_dim: size of a second condition vector (`extra` in `__call__`; stage 2's
+        landmark moments), projected by its own dense layer and added to `c`; 0 = none.
       rngs: initialisation RNGs.
 
     Raises:
@@ -429,6 +433,9 @@ class DiT(nnx.Module):
                               ("patch", "embed"), rngs)
     self.t_embedder = TimestepEmbedder(hidden, c, rngs)
     self.cond_proj = c.dense(cond_dim, hidden, ("cond", "embed"), rngs)
+    self.extra_cond_dim = int(extra_cond_dim)
+    self.extra_proj = (c.dense(self.extra_cond_dim, hidden, ("cond", "embed"), rngs)
+                       if self.extra_cond_dim else None)
     if scan_blocks:
       @nnx.split_rngs(splits=v.depth)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -475,7 +482,8 @@ class DiT(nnx.Module):
       y_emb = self.cond_proj((jnp.asarray(cond) * self.cond_scale).astype(self.dtype))
     return t_emb + y_emb
 
-  def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array | None = None,
+               extra: jax.Array | None = None) -> jax.Array:
     """Predicts the denoiser target.
 
     Args:
@@ -483,6 +491,8 @@ class DiT(nnx.Module):
       t: `[b]` timesteps, int or float (a scalar is broadcast over the batch).
       cond: `[b, cond_dim]` condition rows, or None for the null condition (equal to a
         zero row: see the module docstring).
+      extra: `[b, extra_cond_dim]` second condition (required when `extra_cond_dim` > 0;
+        classifier-free guidance leaves it in both halves: only `cond` is dropped).
 
     Returns:
       float32 `[b, input_size, input_size, out_channels]`.
@@ -499,6 +509,11 @@ class DiT(nnx.Module):
     h = self.x_embedder(self.patchify(x.astype(self.dtype))).astype(jnp.float32)
     h = h + jnp.asarray(pos)[None]
     c = self.embed_condition(t, cond)
+    if self.extra_proj is not None:
+      if extra is None or tuple(extra.shape) != (b, self.extra_cond_dim):
+        raise ValueError(f"extra must be [{b}, {self.extra_cond_dim}], got "
+                         f"{None if extra is None else extra.shape}")
+      c = c + self.extra_proj(extra.astype(self.dtype))
     h = _run_blocks(self.blocks, h, c, remat=self.remat, scan=self.scan_blocks,
                     skips=self.long_skips)
     out = self.final_layer(h, c)

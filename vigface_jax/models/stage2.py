@@ -2,7 +2,8 @@
 
 The DiT sees the noisy image ⊕ the landmark image (6 channels), plus 3 channels per
 Gaussian-blurred copy of the landmark image (`landmark_blur` σ in pixels); its condition is
-`t_emb + Linear(row)`. It draws at `image_size` (112, the aligned crop, by default): below
+`t_emb + Linear(row)`, plus `Linear(pose)` with `landmark_pose` (the landmark image's per-colour
+moments, `landmark_moments`: pose as one vector every block sees). It draws at `image_size` (112, the aligned crop, by default): below
 112 the training faces and the 112×112 landmark images are resized down to it (the
 antialiased linear filter a stage-1 backbone trained at a reduced input size sees its crops
 through) and what it draws is resized back up to 112 (`to_output`), so everything outside the
@@ -49,24 +50,26 @@ class Stage2(nnx.Module):
                fr_input_size: int, num_real: int, landmark_blur: tuple[float, ...] = (),
                dtype: Any = jnp.float32, remat: bool = False, scan_blocks: bool = False,
                output_overlap: int = 0, image_size: int = OUTPUT_SIZE, long_skips: bool = False,
-               output_conv: bool = False, rngs: nnx.Rngs):
+               output_conv: bool = False, landmark_pose: bool = False, rngs: nnx.Rngs):
     """Args: the DiT's `dit.VARIANTS` name and patch size; the stage-1 backbone's arch,
     embedding size (= the rows' size) and input side; the number of real rows; σ of the
     blurred landmark copies (in pixels at `image_size`); the DiT's compute dtype, remat,
     scan over blocks and output overlap (`models.dit.DiT`); the side the DiT draws at
-    (≤ 112); U-ViT's long skips and output convolution (`models.dit.DiT`); initialisation
-    RNGs."""
+    (≤ 112); U-ViT's long skips and output convolution (`models.dit.DiT`); whether the
+    landmark image's moments join the condition (`landmark_moments`); initialisation RNGs."""
     if not 0 < int(image_size) <= OUTPUT_SIZE:
       raise ValueError(f"image_size must be in [1, {OUTPUT_SIZE}], got {image_size}")
     self.landmark_blur = tuple(float(s) for s in landmark_blur)
     self.image_size = int(image_size)
+    self.landmark_pose = bool(landmark_pose)
     self.dit = dit_lib.DiT(variant, patch_size=int(patch_size), cond_dim=embed_dim,
                            input_size=self.image_size,
                            in_channels=input_channels(self.landmark_blur),
                            cond_scale=math.sqrt(embed_dim),  # unit rows → unit RMS
                            dtype=dtype, remat=bool(remat), scan_blocks=bool(scan_blocks),
                            output_overlap=int(output_overlap), long_skips=bool(long_skips),
-                           output_conv=bool(output_conv), rngs=rngs)
+                           output_conv=bool(output_conv),
+                           extra_cond_dim=POSE_FEATURES if self.landmark_pose else 0, rngs=rngs)
     self.fr = iresnet.IResNet(fr_arch, embed_dim=embed_dim, input_size=fr_input_size, rngs=rngs)
     self.fr.eval()
     self.fr_input_size = int(fr_input_size)
@@ -94,7 +97,9 @@ class Stage2(nnx.Module):
   def denoise(self, x_t: jax.Array, t: jax.Array, cond: jax.Array | None,
               channels: jax.Array) -> jax.Array:
     """The DiT's prediction for noisy images `x_t` under rows `cond` and landmark channels."""
-    return self.dit(jnp.concatenate([x_t, channels], axis=-1), t, cond)
+    # The landmark image is the channels' first three (`landmark_channels`).
+    pose = landmark_moments(channels[..., :3]) if self.landmark_pose else None
+    return self.dit(jnp.concatenate([x_t, channels], axis=-1), t, cond, extra=pose)
 
   def embed(self, images: jax.Array) -> jax.Array:
     """Normalised float `[-1, 1]` or uint8 faces → stage-1 embeddings (frozen)."""
@@ -114,7 +119,8 @@ def builder(model: Any, fr_info: dict[str, Any], num_real: int):
       image_size=int(model.get("image_size", None) or OUTPUT_SIZE),
       # Absent from configs saved before the fields existed: those DiTs had neither.
       long_skips=bool(model.get("long_skips", False)),
-      output_conv=bool(model.get("output_conv", False)))
+      output_conv=bool(model.get("output_conv", False)),
+      landmark_pose=bool(model.get("landmark_pose", False)))
 
 
 def resize(images: jax.Array, size: int) -> jax.Array:
@@ -182,6 +188,54 @@ def landmark_channels(landmark_image: jax.Array, sigmas: tuple[float, ...]) -> j
   them once per call, not at every step."""
   fields = landmark_fields(landmark_image, sigmas)
   return jnp.concatenate([landmark_image.astype(jnp.float32)] + fields, axis=-1)
+
+
+# Per colour (eyes, nose, mouth corners): centroid x, y and second moments xx, yy, xy of the
+# dots in [-1, 1] image coordinates, less the ArcFace template's, over these scales (about one
+# standard deviation of each over procedural poses at 48 px: nose x 0.10, eyes' xx 0.025).
+_MOMENT_SCALES = (0.05, 0.05, 0.01, 0.01, 0.01)
+POSE_FEATURES = 3 * len(_MOMENT_SCALES)
+
+
+def _raw_moments(landmark_image: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`[b, 5, 3]` moments of each colour's dots and `[b, 3]` their mass (in pixels)."""
+  dots = (landmark_image.astype(jnp.float32) + 1.0) * 0.5
+  h, w = dots.shape[1:3]
+  ys = jnp.asarray((np.arange(h) + 0.5) / h * 2.0 - 1.0, jnp.float32)
+  xs = jnp.asarray((np.arange(w) + 0.5) / w * 2.0 - 1.0, jnp.float32)
+  mass = jnp.sum(dots, axis=(1, 2))
+  safe = jnp.maximum(mass, 1e-6)
+  mx = jnp.einsum("bhwc,w->bc", dots, xs) / safe
+  my = jnp.einsum("bhwc,h->bc", dots, ys) / safe
+  dx = xs[None, None, :, None] - mx[:, None, None, :]
+  dy = ys[None, :, None, None] - my[:, None, None, :]
+  second = [jnp.sum(dots * a * b, axis=(1, 2)) / safe for a, b in ((dx, dx), (dy, dy), (dx, dy))]
+  return jnp.stack([mx, my] + second, axis=1), mass
+
+
+@functools.cache
+def _template_moments(size: int) -> np.ndarray:
+  """`[5, 3]` moments of the ArcFace template's landmark image at `size` (a constant, computed
+  eagerly even when first asked for under a trace)."""
+  with jax.ensure_compile_time_eval():
+    image = resize(jnp.asarray(model_landmarks(landmarks_lib.ARCFACE_TEMPLATE[None])), size)
+    return np.asarray(_raw_moments(image)[0][0])
+
+
+def landmark_moments(landmark_image: jax.Array) -> jax.Array:
+  """Landmark images `[b, H, W, 3]` in [-1, 1] → `[b, POSE_FEATURES]`: the pose in one vector.
+
+  The dots of a landmark image tell only the tokens under them where a point is; a head turn
+  is global (the nose moves across the face, the eyes' spread narrows). Per colour, the
+  centroid and second moments of the dots, less the ArcFace template's and scaled to about
+  unit spread (`_MOMENT_SCALES`), give every block the pose through the condition `c`. An
+  empty image (no landmarks) gives zeros, the template's own value.
+  """
+  raw, mass = _raw_moments(landmark_image)
+  scales = jnp.asarray(_MOMENT_SCALES, jnp.float32)[:, None]
+  feats = (raw - jnp.asarray(_template_moments(landmark_image.shape[1]))) / scales
+  feats = jnp.where(mass[:, None, :] > 0.5, feats, 0.0)
+  return feats.reshape(feats.shape[0], -1)
 
 
 def input_channels(sigmas: tuple[float, ...]) -> int:

@@ -110,6 +110,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   m.int("output_overlap", 0)
   m.bool("long_skips")
   m.bool("output_conv")
+  m.bool("landmark_pose")
   blur = m.get("landmark_blur")
   try:
     sigmas = tuple(float(v) for v in (() if blur is None else blur))
