@@ -2,9 +2,10 @@
 
 The DiT sees the noisy image ⊕ the landmark image (6 channels), plus 3 channels per
 Gaussian-blurred copy of the landmark image (`landmark_blur` σ in pixels); its condition is
-`t_emb + Linear(row)`, plus `Linear(pose)` with `landmark_pose` (the landmark image's per-colour
-moments, `landmark_moments`: pose as one vector every block sees). It draws at `image_size` (112, the aligned crop, by default): below
-112 the training faces and the 112×112 landmark images are resized down to it (the
+`t_emb + Linear(row)`, plus `Linear(pose)` with `landmark_pose` (the landmark image's
+per-colour moments, `landmark_moments`: pose as one vector every block sees). It draws at
+`image_size` (112, the aligned crop, by default): below 112 the training faces and the
+112×112 landmark images are resized down to it (the
 antialiased linear filter a stage-1 backbone trained at a reduced input size sees its crops
 through) and what it draws is resized back up to 112 (`to_output`), so everything outside the
 DiT (data, landmark images, samples, exports) stays in the 112×112 aligned frame. The frozen
