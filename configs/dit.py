@@ -63,6 +63,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   config.model = config_dict.ConfigDict()
   config.model.variant = "tiny" if tiny else ("small" if demo else "B")  # dit.VARIANTS
+  # Width, number of blocks and attention heads, each None = the variant's: the width / depth /
+  # patch trade-offs at fixed compute (README "Generator quality") without a new variant name.
+  config.model.hidden = config_dict.placeholder(int)
+  config.model.depth = config_dict.placeholder(int)
+  config.model.heads = config_dict.placeholder(int)
   # The side the DiT draws at (≤ 112): below 112 the training faces and landmark images are
   # resized down to it and the samples back up to 112 (models/stage2.py).
   # The demo draws at its FR network's 48×48 (configs/fr.py:demo input_size): a CPU-sized

@@ -21,6 +21,7 @@ from vigface_jax.data import faces
 from vigface_jax.data import landmarks as landmarks_lib
 from vigface_jax.data import pipeline
 from vigface_jax.evaluate import embed as embed_lib
+from vigface_jax.models import dit as dit_lib
 from vigface_jax.models import iresnet
 from vigface_jax.models import stage2
 from vigface_jax.train import dit
@@ -273,12 +274,30 @@ def test_reduced_size_targets_are_what_the_fr_network_sees():
 
 def test_a_stage2_config_saved_before_image_size_builds_a_112_dit(stage1):
   model_section = ml_collections.ConfigDict(dit_config.get_config("tiny").model.to_dict())
-  for later in ("image_size", "long_skips", "output_conv", "landmark_pose"):
+  for later in ("image_size", "long_skips", "output_conv", "landmark_pose", "hidden", "depth",
+                "heads"):
     del model_section[later]
   model = stage2.builder(model_section, embed_lib.read_info(stage1)[1], 16)(rngs=nnx.Rngs(0))
   assert model.dit.input_size == 112 and model.image_size == 112
   assert model.dit.long_skips is None and model.dit.output_conv is None
   assert not model.landmark_pose and model.dit.extra_proj is None
+  assert model.dit.variant == dit_lib.VARIANTS["tiny"]
+
+
+def test_width_depth_and_heads_override_the_variant(stage1):
+  config = dit_config.get_config("tiny")
+  config.model.hidden, config.model.depth = 48, 3
+  dit.validate(config)
+  model = stage2.builder(config.model, embed_lib.read_info(stage1)[1], 16)(rngs=nnx.Rngs(0))
+  assert model.dit.variant == dit_lib.Variant(48, 3, 2)  # heads: the variant's
+  assert len(model.dit.blocks) == 3
+  assert model.dit.blocks[0].attn.qkv.kernel.shape == (48, 144)
+  config.model.heads = 5  # 48 / 5 is no head size
+  with pytest.raises(config_lib.ConfigError, match=r"model\.hidden must be a multiple of 4 that the 5 heads"):
+    dit.validate(config)
+  config.model.heads, config.model.depth = 2, 0
+  with pytest.raises(config_lib.ConfigError, match=r"model\.depth"):
+    dit.validate(config)
 
 
 def _moments(points, size=48):

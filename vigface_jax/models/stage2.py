@@ -111,7 +111,7 @@ def builder(model: Any, fr_info: dict[str, Any], num_real: int):
   """`create(rngs=...)` building the `Stage2` of a stage-2 config's `model` section, with the
   stage-1 backbone described by `fr_info` (`backbone.json`: arch, embed_dim, input_size)."""
   return functools.partial(
-      Stage2, model.variant, patch_size=int(model.patch_size), fr_arch=fr_info["arch"],
+      Stage2, variant(model), patch_size=int(model.patch_size), fr_arch=fr_info["arch"],
       embed_dim=int(fr_info["embed_dim"]), fr_input_size=int(fr_info["input_size"]),
       num_real=num_real, landmark_blur=tuple(model.landmark_blur or ()),
       dtype=face_recognizer.compute_dtype(model.dtype), remat=bool(model.remat),
@@ -122,6 +122,15 @@ def builder(model: Any, fr_info: dict[str, Any], num_real: int):
       long_skips=bool(model.get("long_skips", False)),
       output_conv=bool(model.get("output_conv", False)),
       landmark_pose=bool(model.get("landmark_pose", False)))
+
+
+def variant(model: Any) -> dit_lib.Variant:
+  """The `dit.Variant` of a stage-2 config's `model` section: `model.variant`'s, with
+  `model.hidden`, `depth` and `heads` in place of its own where set (configs saved before
+  those fields existed have none)."""
+  v = dit_lib.get_variant(model.variant)
+  sizes = {k: model.get(k, None) for k in ("hidden", "depth", "heads")}
+  return dit_lib.Variant(**{k: int(getattr(v, k) if n is None else n) for k, n in sizes.items()})
 
 
 def resize(images: jax.Array, size: int) -> jax.Array:

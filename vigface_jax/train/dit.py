@@ -101,6 +101,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   backbone.int("input_size", 1)
   m = f.sub("model")
   m.choice("variant", sorted(dit_lib.VARIANTS))
+  hidden, heads = (m.int(k, 1, optional=True) for k in ("hidden", "heads"))
+  m.int("depth", 1, optional=True)
+  sizes = stage2.variant(config.model)
+  if (hidden is not None or heads is not None) and (sizes.hidden % sizes.heads or
+                                                    sizes.hidden % 4):
+    m.fail("hidden" if hidden is not None else "heads", f"a multiple of 4 that the "
+           f"{sizes.heads} heads divide (the 2-D sin-cos position table)", sizes.hidden)
   size = m.int("image_size", 1, most=stage2.OUTPUT_SIZE)
   if size % m.int("patch_size", 1):
     m.fail("patch_size", f"a divisor of model.image_size = {size}", m.get("patch_size"))
@@ -270,8 +277,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   loss_fn = functools.partial(dit_loss, cfg=config, schedule=schedule)
   summary: dict[str, Any] = {"task": "dit", "num_real": n, "variant": config.model.variant,
                              "patch_size": int(config.model.patch_size)}
-  logging.info("stage 2: DiT-%s/%d on %d identities", config.model.variant,
-               config.model.patch_size, n)
+  sizes = stage2.variant(config.model)
+  logging.info("stage 2: DiT-%s/%d (width %d, %d blocks, %d heads) on %d identities",
+               config.model.variant, config.model.patch_size, sizes.hidden, sizes.depth,
+               sizes.heads, n)
   with data, metrics_lib.MetricWriter(workdir) as writer:
     result = loop.fit(config, workdir, mesh=mesh, create_model=create_model(config, info, n),
                       loss_fn=loss_fn, data=data,
