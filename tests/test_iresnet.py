@@ -302,3 +302,32 @@ def test_state_dict_errors_name_the_key(torch):
 
   with pytest.raises(ValueError, match="Unknown IResNet variant 'r51'"):
     iresnet.IResNet("r51", rngs=nnx.Rngs(0))
+
+
+def test_fused_batch_norm_equals_flax_batch_norm_in_both_modes():
+  """`layers.BatchNorm` (the hand-written training-mode backward) against `nnx.BatchNorm`:
+  the same output, gradients (input, scale, bias through a non-trivial loss) and running
+  statistics after a training call, and the same evaluation-mode output."""
+  from vigface_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(0).normal(0.5, 2.0, (8, 6, 6, 5)).astype(np.float32))
+  made = []
+  for cls in (nnx.BatchNorm, layers.BatchNorm):
+    bn = cls(5, epsilon=1e-5, momentum=0.9, rngs=nnx.Rngs(0))
+    bn.scale[...] = jnp.arange(1.0, 6.0)
+    bn.bias[...] = jnp.arange(5.0) * 0.1
+    made.append(bn)
+  loss = lambda bn, x: jnp.sum(jnp.sin(bn(x)) * jnp.arange(5.0))
+  results = [nnx.value_and_grad(loss, argnums=(0, 1))(bn, x) for bn in made]
+  (l_ref, (g_ref, dx_ref)), (l_new, (g_new, dx_new)) = results
+  np.testing.assert_allclose(l_new, l_ref, rtol=1e-5)  # x·a + c against (x − μ)·a + b
+  np.testing.assert_allclose(dx_new, dx_ref, rtol=1e-4, atol=1e-5)
+  for name in ("scale", "bias"):
+    np.testing.assert_allclose(g_new[name][...], g_ref[name][...], rtol=1e-4, atol=1e-5)
+  for stat in ("mean", "var"):
+    np.testing.assert_allclose(getattr(made[1], stat)[...], getattr(made[0], stat)[...],
+                               rtol=1e-6)
+  assert not np.allclose(made[1].var[...], 1.0)  # the statistics did move
+  for bn in made:
+    bn.eval()
+  np.testing.assert_allclose(made[1](x), made[0](x), rtol=1e-6, atol=1e-6)
+  assert isinstance(iresnet.IResNet("tiny", rngs=nnx.Rngs(0)).bn1, layers.BatchNorm)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from flax import nnx
@@ -56,6 +57,68 @@ class PReLU(nnx.Module):
     return jnp.where(x >= 0, x, slope * x)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                     epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode BatchNorm over every axis but the last: `(y, mean, var)` (float32).
+
+  The same function as `nnx.BatchNorm` in training mode (fast variance `E[x²] − E[x]²`
+  clipped at 0, biased batch variance, `y = (x − mean)·rsqrt(var + ε)·scale + bias`), with
+  a hand-written backward pass that reads `x` and `dy` twice (one pass for `Σdy` and
+  `Σdy·x̂`, one for `dx`) instead of differentiating every elementwise step: XLA:CPU
+  otherwise materialises `x − mean` and the normalised copy in several fusions per layer
+  (`benchmarks/profile_step.py`). `mean` and `var` are for the running statistics only:
+  their cotangents are ignored, so callers must `stop_gradient` them (as `nnx.BatchNorm`
+  does).
+  """
+  return _bn_forward(x, scale, bias, epsilon)[0]
+
+
+def _bn_forward(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes)
+  var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axes) - jnp.square(mean))
+  inv = jax.lax.rsqrt(var + epsilon)
+  a = scale * inv
+  y = x * a + (bias - mean * a)
+  return (y, mean, var), (x, mean, inv, scale)
+
+
+def _bn_backward(epsilon, residuals, cotangents):
+  del epsilon
+  x, mean, inv, scale = residuals
+  dy = cotangents[0]
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+  xhat = (x - mean) * inv
+  dbias = jnp.sum(dy, axes)
+  dscale = jnp.sum(dy * xhat, axes)
+  dx = (scale * inv) * (dy - (dbias + xhat * dscale) / n)
+  return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_bn_forward, _bn_backward)
+
+
+class BatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` over the last axis whose training-mode call is `batch_norm_train`: the
+  same variables, statistics and results (to float32 rounding), fewer passes over the
+  activations. Evaluation mode (running statistics) is `nnx.BatchNorm`'s."""
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    running = self.use_running_average if use_running_average is None else use_running_average
+    if running or mask is not None or self.axis_name is not None or self.axis not in (
+        -1, x.ndim - 1) or self.scale is None or self.bias is None:
+      return super().__call__(x, use_running_average, mask=mask)
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    y, mean, var = batch_norm_train(f32(x), f32(self.scale[...]), f32(self.bias[...]),
+                                    float(self.epsilon))
+    mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+    self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
+    self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
+    return y.astype(self.dtype or y.dtype)
+
+
 class Common:
   """Constructor arguments shared by every layer of one network."""
 
@@ -89,7 +152,7 @@ class Common:
                  momentum: float = 0.9, axis: str = "channels_out") -> nnx.BatchNorm:
     """BatchNorm computed in float32, parameters in `param_dtype` (defaults: PyTorch's
     eps 1e-5 and momentum 0.1, i.e. flax decay 0.9)."""
-    return nnx.BatchNorm(channels, epsilon=epsilon, momentum=momentum, dtype=jnp.float32,
+    return BatchNorm(channels, epsilon=epsilon, momentum=momentum, dtype=jnp.float32,
                          param_dtype=self.param_dtype, scale_metadata=meta(axis),
                          bias_metadata=meta(axis), rngs=rngs or self.rngs)
 
