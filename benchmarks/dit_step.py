@@ -76,6 +76,7 @@ reports it) as JSON: what `benchmarks/run.py` reads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -612,7 +613,22 @@ def trainer_draws(rng: np.ndarray, step: int, b: int, config: ml_collections.Con
 # -------------------------------------------------------------------- timing
 
 
-def run() -> dict[str, Any]:
+@dataclasses.dataclass
+class Sides:
+  """Both frameworks' stage-2 steps from the same weights, ready to time (`build`)."""
+
+  trainers: dict[str, train_step.TrainerStep]  # 'jax' (blocks unrolled) and 'scan'
+  batch: dict[str, np.ndarray]  # the host batch, as the stage-2 pipeline delivers it
+  tbatch: dict[str, torch.Tensor]  # the same on the torch device
+  tstep: "TorchStage2Step"
+  configs: dict[str, ml_collections.ConfigDict]
+  jdit: dit.DiT | None  # the unrolled DiT's weights (forward check; drop before timing)
+  check: tuple[np.ndarray, np.ndarray, np.ndarray]  # (x, t, cond) of the forward check
+  out: dict[str, Any]  # the run's description (sizes, sides, tolerances)
+
+
+def build() -> Sides:
+  """The trainer's unrolled and scanned steps and the PyTorch step, from identical weights."""
   torch.manual_seed(_SEED.value)
   torch.set_num_threads(_THREADS.value)
   device, dtype = train_step.torch_device(_TORCH_DEVICE.value), _DTYPE.value
@@ -656,15 +672,32 @@ def run() -> dict[str, Any]:
   jdit = filled["dit"]
   copy_into_torch(tmodel, jdit)
   tmodel.to(device)
+  # Built before any step donates the unrolled state: the scanned state copies its weights.
+  trainers["scan"] = jax_setup(configs["scan"], fill)
+  filled.clear()  # (not `del`: `fill` closes over it)
+  schedule = schedules.make_schedule(configs["jax"].diffusion.schedule,
+                                     int(configs["jax"].diffusion.timesteps))
+  tstep = TorchStage2Step(tmodel, tfr, rows, schedule, configs["jax"], device, dtype)
   out: dict[str, Any] = {"params": sum(p.numel() for p in tmodel.parameters()),
                          "tokens": (INPUT_SIZE // _PATCH.value) ** 2, "hidden": v.hidden,
                          "depth": v.depth, "heads": v.heads, "fr": fr_info(),
                          "tolerances": tol, **train_step.sides(device, dtype)}
+  return Sides(trainers, batch, tbatch, tstep, configs, jdit, (x, t, cond), out)
+
+
+def run() -> dict[str, Any]:
+  sides = build()
+  trainers, batch, tbatch, tstep, configs = (sides.trainers, sides.batch, sides.tbatch,
+                                             sides.tstep, sides.configs)
+  out, tol, (x, t, cond) = sides.out, sides.out["tolerances"], sides.check
+  device, dtype, b = tstep.device, _DTYPE.value, _BATCH.value
   # Forward agreement of the two DiTs (before any update; JAX eager, torch no-grad).
-  jout = np.asarray(jdit(jnp.asarray(x), jnp.asarray(t), jnp.asarray(cond)), np.float32)
+  jout = np.asarray(sides.jdit(jnp.asarray(x), jnp.asarray(t), jnp.asarray(cond)), np.float32)
+  sides.jdit = None
   to_dev = lambda a: torch.from_numpy(a).to(device)
   with torch.no_grad(), train_step.torch_autocast(device, dtype):
-    tout = tmodel(to_dev(x).permute(0, 3, 1, 2).contiguous(), to_dev(t).long(), to_dev(cond))
+    tout = tstep.model(to_dev(x).permute(0, 3, 1, 2).contiguous(), to_dev(t).long(),
+                       to_dev(cond))
   tout = tout.float().permute(0, 2, 3, 1).cpu().numpy()
   out["fwd_max_abs"] = float(np.max(np.abs(tout)))
   out["fwd_max_diff"] = float(np.max(np.abs(jout - tout)))
@@ -673,14 +706,7 @@ def run() -> dict[str, Any]:
         f"max |jax - torch| {out['fwd_max_diff']:.3g} (relative {out['fwd_rel']:.3g})")
   assert out["fwd_rel"] < tol["fwd"], (
       f"forward outputs disagree ({dtype}): relative {out['fwd_rel']:.3g}")
-  # Built before the unrolled state is donated: the scanned state copies its DiT weights.
-  trainers["scan"] = jax_setup(configs["scan"], fill)
-  del jdit
-  filled.clear()  # (not `del`: `fill` closes over it)
   state_rng = np.asarray(trainers["jax"].state.rng)
-  schedule = schedules.make_schedule(configs["jax"].diffusion.schedule,
-                                     int(configs["jax"].diffusion.timesteps))
-  tstep = TorchStage2Step(tmodel, tfr, rows, schedule, configs["jax"], device, dtype)
 
   # JAX, blocks unrolled (`jax`) and scanned (`scan`): compile, step 1 and the step-2
   # warm-up, then the timed steps.

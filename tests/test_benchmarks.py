@@ -225,3 +225,58 @@ def test_accelerator_script_cpu_form_runs_end_to_end(tmp_path):
     assert rows and all("| ok |" in r for r in rows), (bench.name, summary)
     assert "\nMachine: " in _section(text, bench.heading)
   assert os.listdir(tmp_path) == ["acc.md"]  # nothing else left where it ran
+
+
+_HLO = """HloModule jit_step_fn
+
+%fused_computation.1 (param_0: f32[4,3]) -> f32[4,3] {
+  %param_0 = f32[4,3]{1,0} parameter(0)
+  ROOT %neg = f32[4,3]{1,0} negate(%param_0), metadata={op_name="jit(step_fn)/transpose(jvp())/neg"}
+}
+
+ENTRY %main (p: f32[4,3]) -> (f32[4,3], f32[3,4]) {
+  %p = f32[4,3]{1,0} parameter(0)
+  %ynn_fusion.7 = f32[4,3]{1,0} fusion(%p), kind=kCustom, calls=%fused_computation.1
+  %transpose_copy_fusion.2 = f32[3,4]{1,0} fusion(%p), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(step_fn)/jvp()/transpose"}
+  %broadcast_add_fusion = f32[4,3]{1,0} fusion(%p), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(step_fn)/add"}
+  ROOT %tuple = (f32[4,3]{1,0}, f32[3,4]{1,0}) tuple(%ynn_fusion.7, %transpose_copy_fusion.2)
+}
+"""
+
+
+def test_profile_classifies_each_xla_op_by_kind_and_pass():
+  """The profile's HLO reading: a fusion without metadata takes its computation's (the reverse
+  pass here), a layout copy is a copy, the rest of the update is the update."""
+  require("torch", "the PyTorch side of profile_step (pip install -e '.[test]')")
+  from benchmarks import profile_step  # pylint: disable=g-import-not-at-top
+  ops = profile_step.hlo_ops(_HLO)
+  assert ops["ynn_fusion.7"] == ("fusion", "jit(step_fn)/transpose(jvp())/neg")
+  assert ops["tuple"] == ("tuple", "")
+  kinds = {n: profile_step.kind_of(n, op) for n, (op, _) in ops.items()}
+  assert kinds["ynn_fusion.7"] == "conv / matmul"
+  assert kinds["transpose_copy_fusion.2"] == "layout copies"
+  assert kinds["broadcast_add_fusion"] == "BN / PReLU / loss elementwise"
+  assert kinds["tuple"] == "other"
+  phases = {n: profile_step.phase_of(m) for n, (_, m) in ops.items()}
+  assert phases == {"p": "unlabelled", "ynn_fusion.7": "backward", "tuple": "unlabelled",
+                    "transpose_copy_fusion.2": "forward", "broadcast_add_fusion": "update",
+                    "param_0": "unlabelled", "neg": "backward"}
+
+
+def test_profile_of_the_demo_step_accounts_for_both_frameworks(tmp_path):
+  """`benchmarks.profile_step` at tiny sizes: both profilers ran, the JAX ops it matched to the
+  compiled step fill the table, and the section is written where asked."""
+  require("torch", "the PyTorch side of profile_step (pip install -e '.[test]')")
+  md = tmp_path / "profile.md"
+  args = [*bench_run._FR_TINY[:3], "--input_size=48", "--embed_dim=128", "--trace_steps=1",  # pylint: disable=protected-access
+          f"--output={md}"]
+  result = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", *args], env=_env(),
+                          cwd=_REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  section = _section(md.read_text(), "## Where the stage-1 step's time goes (profiles)")
+  conv = re.search(r"^\| conv / matmul \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|",
+                   section, re.MULTILINE)
+  assert conv and float(conv.group(1)) > 0 and float(conv.group(2)) > 0, section
+  torch_conv = re.findall(r"^\| conv / matmul \| ([\d.]+) \| \d+% \|$", section, re.MULTILINE)
+  assert torch_conv and float(torch_conv[0]) > 0, section
+  assert "`aten::" in section and "_fusion" in section, section
