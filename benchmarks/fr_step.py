@@ -73,6 +73,7 @@ if __package__ in (None, ""):  # `python benchmarks/fr_step.py`: make the repo i
 from benchmarks import cpu_threads  # pins --threads CPUs; before jax
 from absl import app
 from absl import flags
+from flax import nnx
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -85,6 +86,7 @@ from configs import fr as fr_config
 from tests import test_iresnet as torch_ref  # the PyTorch arcface_torch IResNet copy
 from vigface_jax import parallel
 from vigface_jax.models import iresnet
+from vigface_jax.models import layers
 from vigface_jax.train import fr as fr_train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -106,6 +108,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", list(train_step.DTYPES),
                            "Compute dtype of both sides (parameters stay float32).")
 _TORCH_DEVICE = flags.DEFINE_enum("torch_device", "auto", ["auto", "cpu", "cuda"],
                                   "PyTorch's device ('auto': cuda if available, else cpu).")
+_BATCH_NORM = flags.DEFINE_enum(
+    "batch_norm", "fused", ["fused", "flax"], "The JAX side's training-mode BatchNorm: 'fused' "
+    "(models/layers.py BatchNorm, the trainer's) or 'flax' (nnx.BatchNorm, autodiff through "
+    "every elementwise step: the trainer before 2026-12-02), for before/after figures.")
 # data_pipeline's flags: --output (BENCHMARKS.md) and --seed (weights, images, labels).
 flags.FLAGS.set_default("output", "BENCHMARKS.md")
 _SEED = dp._SEED  # pylint: disable=protected-access
@@ -213,8 +219,14 @@ def jax_setup(state_dict: dict[str, Any], centres: np.ndarray) -> train_step.Tra
     iresnet.load_insightface_state_dict(model.backbone, state_dict)
     model.head.weight[...] = jnp.asarray(centres)
 
-  return train_step.build(config, mesh, fr_train.create_model(config, _NUM_CLASSES.value, 0),
-                          loss_fn, fill=fill)
+  fused = layers.BatchNorm
+  if _BATCH_NORM.value == "flax":  # the layer every IResNet BatchNorm is built from
+    layers.BatchNorm = nnx.BatchNorm
+  try:
+    return train_step.build(config, mesh, fr_train.create_model(config, _NUM_CLASSES.value, 0),
+                            loss_fn, fill=fill)
+  finally:
+    layers.BatchNorm = fused
 
 
 # -------------------------------------------------------------------- timing
@@ -259,6 +271,7 @@ def run() -> dict[str, Any]:
   out["torch_s"] = float(np.median(out["torch_times"]))
   out["ratio"] = out["torch_s"] / out["jax_s"]
   out.update(cpu_threads.environment(torch.get_num_threads()))
+  out["batch_norm"] = _BATCH_NORM.value
   return out
 
 
@@ -267,7 +280,8 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
   lines = dp.section_header(SECTION, "benchmarks.fr_step", info) + [
       f"{train_step.describe(r)}; torch {torch.__version__}, "
       f"{r['torch_threads']} torch threads, process pinned to {r['affinity']} CPU(s) "
-      f"(XLA:CPU's pool; `XLA_FLAGS`={r['xla_flags']!r}).",
+      f"(XLA:CPU's pool; `XLA_FLAGS`={r['xla_flags']!r}); JAX BatchNorm: "
+      f"{'the fused training-mode layer (`layers.BatchNorm`)' if r['batch_norm'] == 'fused' else '`nnx.BatchNorm` (before 2026-12-02)'}.",
       "",
       f"One step = IResNet-{_VARIANT.value} forward + backward on {_BATCH.value} uint8 "
       f"{_INPUT_SIZE.value}x{_INPUT_SIZE.value} "

@@ -101,7 +101,10 @@ class Benchmark:
 
 
 # IResNet `small`: with `tiny` (8..64 channels) torch 2.13.0+cpu's backward crashes (SIGSEGV).
-_FR_TINY = ("--variant=small", "--batch=2", "--num_classes=8", "--steps=1")
+# Batch 4: BatchNorm over two samples turns bf16 rounding into step-1 loss differences near
+# fr_step's 2% bf16 tolerance (1.9% with nnx.BatchNorm, 2.8% with layers.BatchNorm at 48 px;
+# 0.1% at 4 for both).
+_FR_TINY = ("--variant=small", "--batch=4", "--num_classes=8", "--steps=1")
 _DIT_TINY = ("--variant=tiny", "--fr_config=tiny", "--batch=2", "--steps=1", "--write")
 _SAMPLE = ("--variant=small", "--patch_size=16", "--output_overlap=4", "--landmark_blur=6,16",
            "--batch=16", "--sample_steps=50", "--write")
