@@ -255,7 +255,7 @@ def test_profile_classifies_each_xla_op_by_kind_and_pass():
   kinds = {n: profile_step.kind_of(n, op) for n, (op, _) in ops.items()}
   assert kinds["ynn_fusion.7"] == "conv / matmul"
   assert kinds["transpose_copy_fusion.2"] == "layout copies"
-  assert kinds["broadcast_add_fusion"] == "BN / PReLU / loss elementwise"
+  assert kinds["broadcast_add_fusion"] == "elementwise + reductions"
   assert kinds["tuple"] == "other"
   phases = {n: profile_step.phase_of(m) for n, (_, m) in ops.items()}
   assert phases == {"p": "unlabelled", "ynn_fusion.7": "backward", "tuple": "unlabelled",
