@@ -118,19 +118,22 @@ from vigface_jax.train import dit as dit_train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _DEMO = dit_config.get_config("demo")  # the flags' defaults
-# Both frameworks here draw at 112×112 (`model.image_size` = 112). The demo now draws at 48
-# with 6×6 patches (README "Generator quality"), which the torch side does not implement;
-# the defaults are the 112-pixel geometry the demo had before (DiT-small/16, output margin 4,
-# blur σ (6, 16)), whose figures BENCHMARKS.md holds.
+# The defaults are the 112-pixel geometry the demo had before 2026-12-01 (DiT-small/16,
+# output margin 4, blur σ (6, 16)); `--image_size=48 --patch_size=6 --output_overlap=1
+# --landmark_blur=2.6,6.9` is the demo's now (README "Generator quality"). Both sides then
+# resize the 112 faces and landmark images to the side the DiT draws at, as `dit_loss` does.
 _GEOMETRY_112 = {"patch_size": 16, "output_overlap": 4, "landmark_blur": (6.0, 16.0)}
 _VARIANT = flags.DEFINE_string("variant", _DEMO.model.variant, "DiT variant (dit.VARIANTS).")
 _PATCH = flags.DEFINE_integer("patch_size", _GEOMETRY_112["patch_size"],
-                              "Patch side (divides 112).")
+                              "Patch side (divides --image_size).")
 _OVERLAP = flags.DEFINE_integer("output_overlap", _GEOMETRY_112["output_overlap"],
                                 "DiT output_overlap (pixels).")
 _BLUR = flags.DEFINE_list("landmark_blur", [f"{v:g}" for v in _GEOMETRY_112["landmark_blur"]],
                           "σ of the blurred landmark-image copies (configs/dit.py "
                           "model.landmark_blur), 3 more input channels each; empty: none.")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", 112, "The side the DiT draws at (model.image_size; the batch's faces and "
+    "landmark images stay 112 and are resized to it inside the step).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per step.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per framework (after 2 warm-up steps).")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for both frameworks.")
@@ -196,7 +199,7 @@ def stage2_config(scan_blocks: bool, dtype: str = "float32") -> ml_collections.C
   config = dit_config.get_config("demo")
   m = config.model
   m.variant = _VARIANT.value
-  m.image_size = INPUT_SIZE
+  m.image_size = _IMAGE_SIZE.value
   m.patch_size = _PATCH.value
   m.output_overlap = _OVERLAP.value
   m.landmark_blur = landmark_blur()
@@ -336,7 +339,8 @@ class TorchDiT(nn.Module):
     self.x_embedder = nn.Conv2d(in_channels(), v.hidden, kernel_size=patch, stride=patch)
     self.t_embedder = TorchTimestepEmbedder(v.hidden)
     self.y_embedder = nn.Linear(cond_dim(), v.hidden)
-    pos = torch_2d_sincos_pos_embed(v.hidden, INPUT_SIZE // patch)
+    self.size = _IMAGE_SIZE.value
+    pos = torch_2d_sincos_pos_embed(v.hidden, self.size // patch)
     self.register_buffer("pos_embed", torch.from_numpy(pos).float().unsqueeze(0),
                          persistent=False)
     self.blocks = nn.ModuleList([TorchDiTBlock(v.hidden, v.heads, mlp_ratio)
@@ -346,12 +350,12 @@ class TorchDiT(nn.Module):
       ramp = (torch.arange(2 * overlap, dtype=torch.float32) + 0.5) / (2 * overlap)
       w = torch.cat([ramp, torch.ones(patch - 2 * overlap), ramp.flip(0)])
       self.register_buffer("window_weights", w[:, None] * w[None, :], persistent=False)
-      g = INPUT_SIZE // patch
+      g = self.size // patch
       ones = self.window_weights.reshape(1, -1, 1).expand(1, -1, g * g)
       self.register_buffer("fold_norm", self._fold(ones), persistent=False)
 
   def _fold(self, cols):
-    return F.fold(cols, (INPUT_SIZE, INPUT_SIZE), self.window, stride=self.patch,
+    return F.fold(cols, (self.size, self.size), self.window, stride=self.patch,
                   padding=self.overlap)
 
   def fold_windows(self, x):
@@ -401,6 +405,15 @@ def torch_landmark_input(points: torch.Tensor, has: torch.Tensor) -> torch.Tenso
   image = image / 127.5 - 1.0
   image = torch.where(has[:, None, None, None], image, torch.full_like(image, -1.0))
   return image.permute(0, 3, 1, 2)
+
+
+def to_draw_size(images: torch.Tensor) -> torch.Tensor:
+  """NCHW 112 images → `--image_size` (`stage2.resize`: antialiased linear; unchanged at 112)."""
+  size = _IMAGE_SIZE.value
+  if images.shape[-1] == size:
+    return images
+  return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                       antialias=True)
 
 
 @functools.cache
@@ -459,8 +472,8 @@ class TorchStage2Step:
   def loss(self, batch: dict[str, torch.Tensor], draws=None) -> tuple[torch.Tensor, ...]:
     """(loss, diffusion loss, identity loss) of one batch; see `dit_train.dit_loss`."""
     d = self.d
-    x0 = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    lmk = torch_landmark_input(batch["landmarks"], batch["has_landmarks"])
+    x0 = to_draw_size(batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+    lmk = to_draw_size(torch_landmark_input(batch["landmarks"], batch["has_landmarks"]))
     rows = self.rows[batch["label"]]
     b = x0.shape[0]
     if draws is None:
@@ -497,7 +510,7 @@ class TorchStage2Step:
     x = x0_hat.clamp(-1.0, 1.0).float()
     # The frozen FR network computes in float32 on the JAX side (`Stage2.fr` has no dtype).
     with torch.autocast(self.device, enabled=False):
-      if self.fr_size != INPUT_SIZE:
+      if self.fr_size != x.shape[-1]:
         x = F.interpolate(x, size=(self.fr_size, self.fr_size), mode="bilinear",
                           align_corners=False, antialias=True)
       emb = F.normalize(self.fr(x), dim=-1)
@@ -604,7 +617,8 @@ def trainer_draws(rng: np.ndarray, step: int, b: int, config: ml_collections.Con
   key = jax.random.fold_in(jnp.asarray(rng), step)
   r_t, r_n, r_c, _ = jax.random.split(key, 4)
   t = jax.random.randint(r_t, (b,), 0, int(config.diffusion.timesteps))
-  noise = jax.random.normal(r_n, (b, INPUT_SIZE, INPUT_SIZE, OUT_CHANNELS), jnp.float32)
+  size = _IMAGE_SIZE.value
+  noise = jax.random.normal(r_n, (b, size, size, OUT_CHANNELS), jnp.float32)
   kept = jax.random.uniform(r_c, (b,)) >= float(config.diffusion.cond_drop)
   to_t = lambda x: torch.from_numpy(np.array(x))
   return to_t(t).long(), to_t(noise).permute(0, 3, 1, 2).contiguous(), to_t(kept)
@@ -647,7 +661,8 @@ def build() -> Sides:
   tbatch = {k: torch.from_numpy(np.array(x)).to(device) for k, x in batch.items()}
   tbatch["label"] = tbatch["label"].long()
   # Inputs of the forward-agreement check only.
-  x = rng.normal(size=(b, INPUT_SIZE, INPUT_SIZE, in_channels())).astype(np.float32)
+  size = _IMAGE_SIZE.value
+  x = rng.normal(size=(b, size, size, in_channels())).astype(np.float32)
   t = rng.integers(0, int(_DEMO.diffusion.timesteps), (b,)).astype(np.int32)
   cond = rng.normal(size=(b, d)).astype(np.float32) / math.sqrt(d)
 
@@ -679,7 +694,7 @@ def build() -> Sides:
                                      int(configs["jax"].diffusion.timesteps))
   tstep = TorchStage2Step(tmodel, tfr, rows, schedule, configs["jax"], device, dtype)
   out: dict[str, Any] = {"params": sum(p.numel() for p in tmodel.parameters()),
-                         "tokens": (INPUT_SIZE // _PATCH.value) ** 2, "hidden": v.hidden,
+                         "tokens": (size // _PATCH.value) ** 2, "hidden": v.hidden,
                          "depth": v.depth, "heads": v.heads, "fr": fr_info(),
                          "tolerances": tol, **train_step.sides(device, dtype)}
   return Sides(trainers, batch, tbatch, tstep, configs, jdit, (x, t, cond), out)
@@ -765,7 +780,9 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       f"{r['torch_threads']} torch threads, process pinned to {r['affinity']} CPU(s) "
       f"(XLA:CPU's pool; `XLA_FLAGS`={r['xla_flags']!r}).",
       "",
-      f"One step of stage-2 training on {b} uint8 112x112 faces with their landmark points: "
+      f"One step of stage-2 training on {b} uint8 112x112 faces with their landmark points"
+      + (f" (faces and landmark images resized to the {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} "
+         "the DiT draws at, in the step)" if _IMAGE_SIZE.value != INPUT_SIZE else "") + ": "
       f"DiT-{_VARIANT.value} (hidden {r['hidden']}, depth {r['depth']}, {r['heads']} heads, "
       f"{r['params'] / 1e6:.2f} M parameters), patch {_PATCH.value} ({r['tokens']} tokens), "
       f"output_overlap {_OVERLAP.value}, {in_channels()} input channels (landmark image "

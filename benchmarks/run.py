@@ -106,6 +106,11 @@ class Benchmark:
 # 0.1% at 4 for both).
 _FR_TINY = ("--variant=small", "--batch=4", "--num_classes=8", "--steps=1")
 _DIT_TINY = ("--variant=tiny", "--fr_config=tiny", "--batch=2", "--steps=1", "--write")
+# configs/dit.py:demo's geometry (48 px, 6×6 patches, margin 1, blur σ 2.6 / 6.9 at 48).
+_DIT_DEMO = ("--image_size=48", "--patch_size=6", "--output_overlap=1", "--landmark_blur=2.6,6.9")
+# configs/dit.py's default: DiT-B/8 at 112, v-prediction, the landmark image alone, no margin.
+_DIT_B8 = ("--variant=B", "--patch_size=8", "--output_overlap=0", "--landmark_blur=",
+           "--prediction=v")
 _SAMPLE = ("--variant=small", "--patch_size=16", "--output_overlap=4", "--landmark_blur=6,16",
            "--batch=16", "--sample_steps=50", "--write")
 _SAMPLE_TINY = ("--variant=tiny", "--fr_config=tiny", "--batch=1", "--sample_steps=2",
@@ -135,6 +140,11 @@ CPU_SUITE = (
               "images at the net's 48x48 input (the demo resizes its 112 crops in the step)"),
     Benchmark("dit_step", "## DiT training step", "dit_step",
               ("--batch=32", "--steps=5", "--write"), _DIT_TINY),
+    Benchmark("dit_demo", "## DiT training step, the demo's DiT (48 px)", "dit_step",
+              _DIT_DEMO + ("--batch=32", "--steps=5", "--write"), _DIT_TINY + _DIT_DEMO),
+    Benchmark("dit_b8", "## DiT training step, DiT-B/8 at 112 (the paper's)", "dit_step",
+              _DIT_B8 + ("--fr_config=default", "--batch=4", "--steps=2", "--write"),
+              _DIT_TINY + _DIT_B8),
     Benchmark("sample", "## DiT sampling (DDIM + guidance)", "sample", _SAMPLE, _SAMPLE_TINY),
     Benchmark("generate", "## Stage-3 generation and audit search", "generate", _GENERATE,
               _GENERATE_TINY),
