@@ -440,3 +440,14 @@ def test_sharded_forward_matches_unsharded_on_8_devices():
   cache = jax.config.jax_compilation_cache_dir  # conftest's persistent cache
   out = run_on_fake_devices(_EIGHT_DEVICE_SCRIPT.format(cache=cache), timeout=240)
   assert "loop max err" in out and "scan max err" in out
+
+
+def test_gradient_boundary_is_the_identity_and_reaches_xla():
+  """The unrolled blocks' gradient boundary: same value and gradient as no boundary, and a
+  conditional in the compiled backward pass (what keeps XLA from fusing across blocks)."""
+  f = lambda x: jnp.sum(jnp.tanh(dit.gradient_boundary(x * 2.0)) ** 2)
+  g = lambda x: jnp.sum(jnp.tanh(x * 2.0) ** 2)
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  np.testing.assert_allclose(f(x), g(x), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-6)
+  assert " conditional(" in jax.jit(jax.grad(f)).lower(x).compile().as_text()

@@ -274,6 +274,28 @@ class LongSkips(nnx.Module):
     return y.astype(jnp.float32)
 
 
+@jax.custom_vjp
+def gradient_boundary(x: jax.Array) -> jax.Array:
+  """Identity whose cotangent passes through a data-dependent `lax.cond` (both branches the
+  identity), so XLA materialises the residual stream's gradient at each unrolled block's
+  output instead of fusing the whole backward chain into every block's weight-gradient
+  transposes (`benchmarks/profile_step.py --bench=dit`; `optimization_barrier` is expanded
+  away before fusion on XLA:CPU). Values and gradients are unchanged."""
+  return x
+
+
+def _boundary_fwd(x):
+  return x, None
+
+
+def _boundary_bwd(_, g):
+  keep = jnp.isfinite(g.reshape(-1)[0])  # runtime: XLA cannot fold the conditional away
+  return (jax.lax.cond(keep, lambda v: v * 1.0, lambda v: v, g),)
+
+
+gradient_boundary.defvjp(_boundary_fwd, _boundary_bwd)
+
+
 def _run_blocks(blocks: Any, h: jax.Array, c: jax.Array, *, remat: bool, scan: bool,
                 skips: LongSkips | None = None) -> jax.Array:
   """Runs the blocks (a list, or one stacked block when `scan`), optionally rematerialised,
@@ -301,8 +323,8 @@ def _run_blocks(blocks: Any, h: jax.Array, c: jax.Array, *, remat: bool, scan: b
 
   def call(i: int, h: jax.Array) -> jax.Array:  # unrolled block i
     if remat:
-      return step(*nnx.split(listed[i]), h)
-    return listed[i](h, c)
+      return gradient_boundary(step(*nnx.split(listed[i]), h))
+    return gradient_boundary(listed[i](h, c))
 
   k = depth // 2 if skips is not None else 0
 
