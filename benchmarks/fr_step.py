@@ -232,7 +232,9 @@ def jax_setup(state_dict: dict[str, Any], centres: np.ndarray) -> train_step.Tra
 # -------------------------------------------------------------------- timing
 
 
-def run() -> dict[str, Any]:
+def build() -> tuple[Any, train_step.TrainerStep, dict[str, Any], Any, Any, str]:
+  """Both sides from identical weights and one batch: (torch step, trainer, device batch,
+  torch images, torch labels, torch device)."""
   torch.manual_seed(_SEED.value)
   torch.set_num_threads(_THREADS.value)
   rng = np.random.default_rng(_SEED.value)
@@ -249,6 +251,11 @@ def run() -> dict[str, Any]:
   batch = trainer.put_batch({"image": images, "label": labels.astype(np.int32)})
   timages = torch.from_numpy(images).to(device)
   tlabels = torch.from_numpy(labels).to(device)
+  return tstep, trainer, batch, timages, tlabels, device
+
+
+def run() -> dict[str, Any]:
+  tstep, trainer, batch, timages, tlabels, device = build()
   tol = LOSS_REL_TOL[_DTYPE.value]
 
   out: dict[str, Any] = train_step.sides(device, _DTYPE.value)

@@ -48,7 +48,6 @@ from benchmarks import cpu_threads  # pins --threads CPUs; before jax
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 import torch
 
 from benchmarks import data_pipeline as dp
@@ -215,19 +214,9 @@ def torch_profile(step: Any, steps: int) -> dict[str, Any]:
 def fr_sides() -> tuple[Any, Any, Any, str]:
   """`benchmarks/fr_step.py`'s two steps: (trainer, device batch, torch step(), description)."""
   f = fr_step
-  torch.manual_seed(f._SEED.value)  # pylint: disable=protected-access
-  torch.set_num_threads(f._THREADS.value)  # pylint: disable=protected-access
-  rng = np.random.default_rng(f._SEED.value)  # pylint: disable=protected-access
+  tstep, trainer, batch, timages, tlabels, _ = f.build()
   d, c, b = f._EMBED_DIM.value, f._NUM_CLASSES.value, f._BATCH.value  # pylint: disable=protected-access
   size = f._INPUT_SIZE.value  # pylint: disable=protected-access
-  centres = rng.normal(0.0, 0.01, (d, c)).astype(np.float32)
-  images = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
-  labels = rng.integers(0, c, (b,), dtype=np.int64)
-  tmodel, tstep = f.torch_setup(centres, "cpu")
-  state_dict = {k: v.detach().cpu().clone() for k, v in tmodel.state_dict().items()}
-  trainer = f.jax_setup(state_dict, centres)
-  batch = trainer.put_batch({"image": images, "label": labels.astype(np.int32)})
-  timages, tlabels = torch.from_numpy(images), torch.from_numpy(labels)
   what = (f"IResNet-{f._VARIANT.value} at {size}x{size}, batch {b}, {c} centres x {d}, "  # pylint: disable=protected-access
           f"{f._DTYPE.value}")  # pylint: disable=protected-access
   return trainer, batch, lambda: tstep(timages, tlabels), what

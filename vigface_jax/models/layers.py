@@ -153,8 +153,8 @@ class Common:
     """BatchNorm computed in float32, parameters in `param_dtype` (defaults: PyTorch's
     eps 1e-5 and momentum 0.1, i.e. flax decay 0.9)."""
     return BatchNorm(channels, epsilon=epsilon, momentum=momentum, dtype=jnp.float32,
-                         param_dtype=self.param_dtype, scale_metadata=meta(axis),
-                         bias_metadata=meta(axis), rngs=rngs or self.rngs)
+                     param_dtype=self.param_dtype, scale_metadata=meta(axis),
+                     bias_metadata=meta(axis), rngs=rngs or self.rngs)
 
   def prelu(self, channels: int, axis: str = "channels_out") -> PReLU:
     """A per-channel PReLU in the compute dtype."""
