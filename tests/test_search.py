@@ -84,6 +84,61 @@ def test_ties_resolve_to_the_lowest_gallery_index():
   np.testing.assert_array_equal(i2, idx)
 
 
+def test_two_stage_selection_equals_top_k_ties_included():
+  """The grouped selection against `lax.top_k` on scores with heavy ties (small integers),
+  whole groups of -inf (padding) and k near the group count; a variant that forgets to put the
+  chosen groups back in row order is caught (the control)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(8)
+  rows = 8 * search.GROUP
+  s = rng.integers(0, 6, size=(64, rows)).astype(np.float32)
+  s[:8, -2 * search.GROUP:] = -np.inf
+  s[8:16] = 3.0  # every entry tied
+  for k in (1, 2, 5):
+    assert search._two_stage(rows, k) == (4 * k <= 8)
+    want_v, want_p = jax.lax.top_k(jnp.asarray(s), k)
+    got_v, got_p = search._two_stage_top_k(jnp.asarray(s), k)
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    np.testing.assert_array_equal(np.asarray(got_p), np.asarray(want_p))
+
+  def unsorted_groups(x, k):  # the planted fault: candidates in group-score order
+    n = x.shape[0]
+    _, groups = jax.lax.top_k(x.reshape(n, -1, search.GROUP).max(axis=2), k)
+    pos = (groups[:, :, None] * search.GROUP + jnp.arange(search.GROUP)).reshape(n, -1)
+    v, p = jax.lax.top_k(jnp.take_along_axis(x, pos, axis=1), k)
+    return v, jnp.take_along_axis(pos, p, axis=1)
+
+  ramp = np.tile(np.repeat(np.arange(8, 0, -1), search.GROUP)[::-1], (4, 1)).astype(np.float32)
+  ramp[:, :search.GROUP] = 8.0       # group 0 ties group 7's entries ...
+  ramp[:, 7 * search.GROUP + 5] = 9.0  # ... but group 7 holds the best one
+  want_p = np.asarray(jax.lax.top_k(jnp.asarray(ramp), 2)[1])
+  assert (np.asarray(search._two_stage_top_k(jnp.asarray(ramp), 2)[1]) == want_p).all()
+  assert (np.asarray(unsorted_groups(jnp.asarray(ramp), 2)[1]) != want_p).any()
+
+
+def test_searcher_on_the_two_stage_path_with_query_tiles_and_duplicates():
+  rng = np.random.default_rng(9)
+  g = _unit(rng, 2500, 32)
+  g[1500:1600] = g[100:200]  # duplicates: ties broken by the lower gallery index
+  q = np.concatenate([g[150:182], _unit(rng, 200, 32)])
+  searcher = search.Searcher(g, query_chunk=128, query_tile=48)
+  assert searcher.platform == "cpu" and searcher.gallery_chunk % search.GROUP == 0
+  assert search._two_stage(searcher.gallery_chunk, 1 + search.DEFAULT_MARGIN)
+  for rescore in (True, False):
+    searcher.rescore = rescore
+    sims, idx = searcher(q, k=3)
+    assert idx[:32, 0].tolist() == list(range(150, 182))
+    assert idx[:32, 1].tolist() == list(range(1550, 1582))
+    if rescore:  # a true top 3 up to float32 summation order (the brute force's ties differ)
+      ref_s, _ = _brute(q, g, 3)
+      np.testing.assert_allclose(sims, ref_s, atol=1e-6, rtol=0)
+      np.testing.assert_allclose(np.take_along_axis(q @ g.T, idx, 1), ref_s, atol=1e-6)
+  plain = search.Searcher(g, query_chunk=128, gallery_chunk=100)  # the one-stage path
+  assert not search._two_stage(plain.gallery_chunk, 1 + search.DEFAULT_MARGIN)
+  searcher.rescore = True
+  np.testing.assert_array_equal(plain(q, k=3)[1], searcher(q, k=3)[1])
+
+
 def test_float32_products_and_fewer_queries_than_a_chunk():
   rng = np.random.default_rng(5)
   g, q = _unit(rng, 50, 8), _unit(rng, 3, 8)
@@ -97,6 +152,8 @@ def test_float32_products_and_fewer_queries_than_a_chunk():
 
 def test_bad_arguments_name_themselves():
   g = np.ones((4, 8), np.float32)
+  with pytest.raises(ValueError, match="query_tile=0"):
+    search.Searcher(g, query_tile=0)
   with pytest.raises(ValueError, match="k=5"):
     search.nearest(g, g, k=5)
   with pytest.raises(ValueError, match="queries: dimension 3"):

@@ -12,14 +12,27 @@ The privacy audit compares every generated image with every real training image 
 * **Queries chunked.** Queries go through a host loop of one compiled shape `[Q, d]` (the
   last chunk zero-padded), replicated to every device; the next chunk is dispatched before
   the previous one's results are read back, so the host work overlaps the device work.
-* **Per device, the local gallery is scanned in chunks** of `G` rows (`gallery_chunk`) with a
-  running top-k: each step forms one `[Q, G]` product in `dtype` (bfloat16 by default) with
-  float32 accumulation (`preferred_element_type=float32`), takes `lax.top_k` of it and merges
-  it with the running best. The devices' candidates `[Q, devices·k']` are then merged into the
+* **Per device, the local gallery is scanned in chunks** of `G` rows (`gallery_chunk`), and the
+  query chunk in tiles of `T` queries (`query_tile`): each step forms one `[T, G]` product in
+  `dtype` (bfloat16 by default) with float32 accumulation (`preferred_element_type=float32`)
+  and selects its top k'; one `lax.top_k` over every chunk's candidates then keeps the best k'.
+  Only the chunk that holds padding rows masks its product.
+* **The selection is two-stage where the chunk allows it** (`G` a multiple of `GROUP` rows and
+  at least k' groups): the maximum of each group of `GROUP` consecutive rows, `lax.top_k` of
+  those `G / GROUP` maxima, then `lax.top_k` of the `k' · GROUP` products of the chosen groups
+  (gathered from the product, in increasing row order). This is exact, ties included: a row in
+  the top k' lies in one of the top k' groups ranked by (maximum, lower group first), because
+  every group ranked above its own holds a row that ranks above it. On XLA:CPU `lax.top_k`
+  costs about 3 ns per element, more than the bfloat16 product itself (BENCHMARKS.md, "Audit
+  search"), and the two-stage selection runs it on `1/GROUP` of the elements.
+* **The query tile follows the platform** when left at None: 512 queries on CPU (measured best
+  with `G` = 32768 on this project's 2-core CPU: 512 x 32768 bfloat16 products and selections
+  at about 150 GFLOP/s, against about 100 with 4096 x 32768), the whole query chunk on GPU and
+  TPU, where a large product keeps a wide device busy. The devices' candidates `[Q, devices·k']` are then merged into the
   global top-k' inside the same jitted program (`jax.shard_map` for the per-device part,
   `jax.jit` with explicit `NamedSharding`s around it).
-* **Ties are deterministic**: `lax.top_k` puts the lower index first, the running merge keeps
-  earlier (lower-index) chunks first and the device merge keeps devices in row order, so equal
+* **Ties are deterministic**: `lax.top_k` puts the lower index first, the merge of the chunks'
+  candidates keeps earlier (lower-index) chunks first and the device merge keeps devices in row order, so equal
   scores resolve to the lowest gallery index, on any device count. After rescoring the host
   sorts by (-similarity, index), the same rule.
 * **Rescoring** (`rescore=True`, the default): bfloat16 products carry a relative error of
@@ -34,14 +47,14 @@ Cosine similarity is the inner product of L2-normalised rows: pass normalised ro
 `normalize=True` to have both sides normalised here.
 
 **Memory.** Per device: the gallery shard `M_pad/devices · d · itemsize(dtype)` plus 4 bytes
-of row id per row, one query chunk `Q · d · itemsize`, one product `Q · G · 4` bytes and the
+of row id per row, one query chunk `Q · d · itemsize`, one product `T · G · 4` bytes and the
 running candidates `Q · k' · 8` bytes (times ~2 for the merge). Host: the float32 gallery
 (kept for rescoring), one chunk's candidates `Q · k' · d · 4` bytes while rescoring, and the
 outputs `N · k · 12` bytes. Example, 6M queries × 0.5M gallery × 512-d, 8 devices, Q = 4096,
 default G: gallery shard 62,500 × 512 × 2 B = 64 MB, the chunk's product 4096 × 31,250 × 4 B =
 512 MB, everything else under 10 MB; the host holds 1 GB of float32 gallery and 72 MB of
-results for k = 1. On one device the same search scans 16 chunks of 31,250 rows instead of 2,
-so the product stays at 512 MB and the gallery shard is 512 MB.
+results for k = 1 (GPU tiles, `T` = Q). On one device the same search scans 16 chunks of 31,250
+rows instead of 2, so the product stays at 512 MB and the gallery shard is 512 MB.
 """
 
 from __future__ import annotations
@@ -58,6 +71,10 @@ from vigface_jax import ops
 
 # Largest gallery block one device multiplies at once when `gallery_chunk` is None.
 DEFAULT_GALLERY_CHUNK = 32768
+# Queries per product tile on CPU when `query_tile` is None (elsewhere: the whole query chunk).
+CPU_QUERY_TILE = 512
+# Rows per group of the two-stage selection; chunks are rounded to a multiple of it.
+GROUP = 32
 # Extra candidates the device search returns for rescoring to re-sort.
 DEFAULT_MARGIN = 8
 
@@ -67,11 +84,14 @@ def _round_up(x: int, m: int) -> int:
 
 
 def _layout(num_rows: int, num_devices: int, gallery_chunk: int | None) -> tuple[int, int]:
-  """`(chunks per device, rows per chunk)`: equal chunks of at most `gallery_chunk` rows."""
+  """`(chunks per device, rows per chunk)`: equal chunks of at most `gallery_chunk` rows,
+  a multiple of `GROUP` rows where that limit allows (of 8 otherwise)."""
   local = -(-num_rows // num_devices)
   limit = int(gallery_chunk) if gallery_chunk is not None else DEFAULT_GALLERY_CHUNK
   chunks = -(-local // limit)
-  return chunks, min(_round_up(-(-local // chunks), 8), limit)
+  rows = -(-local // chunks)
+  aligned = _round_up(rows, GROUP)
+  return chunks, aligned if aligned <= limit else min(_round_up(rows, 8), limit)
 
 
 def _check_matrix(x: Any, name: str) -> np.ndarray:
@@ -86,6 +106,29 @@ def _check_matrix(x: Any, name: str) -> np.ndarray:
   return x
 
 
+def _top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` of each row: values and positions, equal values in increasing position."""
+  return jax.lax.top_k(s, k)
+
+
+def _two_stage(rows: int, k: int) -> bool:
+  """Whether `_two_stage_top_k` applies to `rows` columns and pays: whole groups, at least k of
+  them, and the second stage at most a quarter of the row."""
+  return rows % GROUP == 0 and 4 * k * GROUP <= rows
+
+
+def _two_stage_top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`_top_k(s, k)`, equal results ties included, from `lax.top_k` of the `GROUP`-row groups'
+  maxima and then of the chosen groups' entries (see the module docstring)."""
+  n, rows = s.shape
+  group_max = s.reshape(n, rows // GROUP, GROUP).max(axis=2)
+  _, groups = jax.lax.top_k(group_max, k)
+  groups = jnp.sort(groups, axis=1)  # candidates in increasing position: ties stay lower-first
+  pos = (groups[:, :, None] * GROUP + jnp.arange(GROUP, dtype=groups.dtype)).reshape(n, -1)
+  v, p = jax.lax.top_k(jnp.take_along_axis(s, pos, axis=1), k)
+  return v, jnp.take_along_axis(pos, p, axis=1)
+
+
 class Searcher:
   """A gallery placed on the devices once, searched by any number of query sets.
 
@@ -95,10 +138,13 @@ class Searcher:
     num_rows: M, the real gallery rows.
     local_rows: rows per device (`M_pad / devices`).
     gallery_chunk: rows of the local gallery multiplied at once (G).
+    query_tile: queries multiplied at once (T), None for the whole query chunk.
+    platform: the mesh's device platform, which picks the default tiles.
   """
 
   def __init__(self, gallery: Any, *, mesh: Mesh | None = None, query_chunk: int = 4096,
-               gallery_chunk: int | None = None, dtype: Any = jnp.bfloat16,
+               gallery_chunk: int | None = None, query_tile: int | None = None,
+               dtype: Any = jnp.bfloat16,
                normalize: bool = False, rescore: bool = True, margin: int = DEFAULT_MARGIN,
                progress: bool = False):
     """Pads, casts and shards `gallery`.
@@ -111,6 +157,8 @@ class Searcher:
         size rounded up to a power of two (at least 8).
       gallery_chunk: at most this many local gallery rows per product (G). None: at most
         `DEFAULT_GALLERY_CHUNK`. The local shard is split into equal chunks no larger.
+      query_tile: queries per product (T), at most the compiled chunk. None: `CPU_QUERY_TILE`
+        on CPU, the whole chunk elsewhere.
       dtype: dtype of the products' inputs (accumulation is always float32).
       normalize: L2-normalise gallery and query rows (cosine similarity).
       rescore: recompute the returned candidates' similarities in float32 on the host and
@@ -126,6 +174,9 @@ class Searcher:
     if gallery_chunk is not None and int(gallery_chunk) < 1:
       raise ValueError(f"gallery_chunk={gallery_chunk}: must be a positive number of rows, or "
                        "None for the default.")
+    if query_tile is not None and int(query_tile) < 1:
+      raise ValueError(f"query_tile={query_tile}: must be a positive number of queries, or "
+                       "None for the platform's default.")
     if int(margin) < 0:
       raise ValueError(f"margin={margin}: must be >= 0 extra candidates.")
     self.normalize = bool(normalize)
@@ -142,6 +193,10 @@ class Searcher:
     self.mesh = mesh
     self.axes = tuple(mesh.axis_names)
     self.num_devices = int(mesh.devices.size)
+    self.platform = mesh.devices.flat[0].platform
+    if query_tile is None and self.platform == "cpu":
+      query_tile = CPU_QUERY_TILE
+    self.query_tile = None if query_tile is None else int(query_tile)
     self.num_chunks, self.gallery_chunk = _layout(self.num_rows, self.num_devices,
                                                   gallery_chunk)
     self.local_rows = self.num_chunks * self.gallery_chunk
@@ -169,30 +224,41 @@ class Searcher:
       return self._compiled[key]
     chunks, gc, dim, axes = self.num_chunks, self.gallery_chunk, self.dim, self.axes
     kc = min(kk, gc)
+    select = _two_stage_top_k if _two_stage(gc, kc) else _top_k
+    tile = q_rows if self.query_tile is None else min(self.query_tile, q_rows)
+    tiles = -(-q_rows // tile)
     dims = (((1,), (1,)), ((), ()))
+
+    def scan_gallery(q, g, ids):
+      """The top-kk of one `[tile, d]` block of queries over the local chunks."""
+
+      def step(_, block):
+        g_block, id_block = block
+        s = jax.lax.dot_general(q, g_block, dims, preferred_element_type=jnp.float32)
+        # Only a chunk that holds padding rows (the gallery's tail) pays for the mask.
+        s = jax.lax.cond(id_block[-1] >= 0, lambda s: s,
+                         lambda s: jnp.where(id_block[None, :] >= 0, s, -jnp.inf), s)
+        v, p = select(s, kc)
+        return None, (v, id_block[p])
+
+      _, (v, i) = jax.lax.scan(step, None, (g, ids))  # [chunks, tile, kc]
+      # Chunks in row order: on equal scores the earlier (lower) rows win.
+      v = jnp.moveaxis(v, 0, 1).reshape(q.shape[0], -1)
+      i = jnp.moveaxis(i, 0, 1).reshape(q.shape[0], -1)
+      if v.shape[1] < kk:  # fewer candidates than asked for: pad with rows never returned
+        pad = ((0, 0), (0, kk - v.shape[1]))
+        v, i = jnp.pad(v, pad, constant_values=-jnp.inf), jnp.pad(i, pad, constant_values=-1)
+      v, p = jax.lax.top_k(v, kk)
+      return v, jnp.take_along_axis(i, p, axis=1)
 
     def local(q, g, ids):
       g = g.reshape(chunks, gc, dim)
       ids = ids.reshape(chunks, gc)
-
-      def step(carry, block):
-        best_v, best_i = carry
-        g_block, id_block = block
-        s = jax.lax.dot_general(q, g_block, dims, preferred_element_type=jnp.float32)
-        s = jnp.where(id_block[None, :] >= 0, s, -jnp.inf)
-        v, p = jax.lax.top_k(s, kc)
-        # The running best comes first: on equal scores the earlier (lower) rows win.
-        all_v = jnp.concatenate([best_v, v], axis=1)
-        all_i = jnp.concatenate([best_i, id_block[p]], axis=1)
-        v, p = jax.lax.top_k(all_v, kk)
-        return (v, jnp.take_along_axis(all_i, p, axis=1)), None
-
-      init = (jnp.full((q.shape[0], kk), -jnp.inf, jnp.float32),
-              jnp.full((q.shape[0], kk), -1, jnp.int32))
-      # The carry varies over the gallery axes like the products it merges.
-      init = jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), init)
-      (v, i), _ = jax.lax.scan(step, init, (g, ids))
-      return v, i
+      if tiles == 1:
+        return scan_gallery(q, g, ids)
+      q = jnp.pad(q, ((0, tiles * tile - q_rows), (0, 0))).reshape(tiles, tile, dim)
+      v, i = jax.lax.map(lambda block: scan_gallery(block, g, ids), q)
+      return v.reshape(-1, kk)[:q_rows], i.reshape(-1, kk)[:q_rows]
 
     per_device = jax.shard_map(
         local, mesh=self.mesh,
@@ -270,7 +336,7 @@ class Searcher:
 
 def nearest(queries: Any, gallery: Any, k: int = 1, *, mesh: Mesh | None = None,
             query_chunk: int = 4096, gallery_chunk: int | None = None,
-            dtype: Any = jnp.bfloat16, normalize: bool = False, rescore: bool = True,
+            query_tile: int | None = None, dtype: Any = jnp.bfloat16, normalize: bool = False, rescore: bool = True,
             margin: int = DEFAULT_MARGIN,
             progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k inner-product neighbours of `queries` in `gallery` (see the module docstring).
@@ -282,6 +348,7 @@ def nearest(queries: Any, gallery: Any, k: int = 1, *, mesh: Mesh | None = None,
     mesh: devices to shard the gallery over; default a 1-D mesh over the local devices.
     query_chunk: queries per compiled call.
     gallery_chunk: at most this many local gallery rows per product (None: 32768).
+    query_tile: queries per product (None: the platform's).
     dtype: product input dtype (float32 accumulation).
     normalize: L2-normalise both sides first (cosine similarity).
     rescore: float32 rescoring of `k + margin` candidates on the host.
@@ -292,7 +359,7 @@ def nearest(queries: Any, gallery: Any, k: int = 1, *, mesh: Mesh | None = None,
     `(sims float32 [N, k], index int64 [N, k])`, best first, ties in increasing index.
   """
   searcher = Searcher(gallery, mesh=mesh, query_chunk=query_chunk, gallery_chunk=gallery_chunk,
-                      dtype=dtype, normalize=normalize, rescore=rescore, margin=margin,
+                      query_tile=query_tile, dtype=dtype, normalize=normalize, rescore=rescore, margin=margin,
                       progress=progress)
   return searcher(queries, k)
 
