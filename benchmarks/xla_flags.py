@@ -40,6 +40,8 @@ SETTINGS: dict[str, str] = {
     "xnn_dot": "--xla_cpu_experimental_xnn_fusion_type=dot",
     "vector_width_512": "--xla_cpu_prefer_vector_width=512",
     "fast_runtime": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
+    "ynn_dot_fast_runtime": ("--xla_cpu_experimental_ynn_fusion_type=dot "
+                             "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME"),
     "concurrency_scheduler": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
     "no_xnnpack": "--xla_cpu_use_xnnpack=false",
 }

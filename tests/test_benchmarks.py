@@ -280,3 +280,25 @@ def test_profile_of_the_demo_step_accounts_for_both_frameworks(tmp_path):
   torch_conv = re.findall(r"^\| conv / matmul \| ([\d.]+) \| \d+% \|$", section, re.MULTILINE)
   assert torch_conv and float(torch_conv[0]) > 0, section
   assert "`aten::" in section and "_fusion" in section, section
+
+
+def test_xla_flags_ab_reports_each_setting_and_a_flag_that_breaks_the_run(tmp_path,
+                                                                          monkeypatch):
+  """`benchmarks.xla_flags` at tiny sizes: the baseline row carries both sides' figures, and a
+  planted setting whose flag XLA rejects is reported as failed, not timed (the control)."""
+  _references()
+  from benchmarks import xla_flags  # pylint: disable=g-import-not-at-top
+  for key, value in _env().items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.setitem(xla_flags.SETTINGS, "planted_bad", "--xla_cpu_no_such_flag=1")
+  rows = xla_flags.measure(["fr_demo"], ["baseline", "planted_bad"], 1, True, 600, tmp_path)
+  (base,) = [r for r in rows if r.setting == "baseline"]
+  (bad,) = [r for r in rows if r.setting == "planted_bad"]
+  assert not base.error and base.ours[0] > 0 and base.reference[0] > 0, base
+  assert bad.error and not bad.ours, bad
+  text = "\n".join(xla_flags.table(rows, "baseline"))
+  assert "| baseline | (none) | `fr_demo` | training step, images / s |" in text, text
+  assert "| planted_bad | `--xla_cpu_no_such_flag=1` | `fr_demo` | failed: " in text, text
+  assert text.splitlines()[2].endswith("| 1.00 |"), text  # the baseline against itself
+  with pytest.raises(ValueError, match="no_such_setting"):
+    xla_flags.measure(["fr_demo"], ["no_such_setting"], 1, True, 600, tmp_path)
