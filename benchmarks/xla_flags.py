@@ -10,10 +10,12 @@ same batch (loss within their tolerance), so a flag that changes results fails i
 than looking fast. Each row: our images/s, PyTorch's in the same process, their ratio, and our
 speed against the baseline row's (the PyTorch figure shows how noisy the machine was: a flag
 cannot change it). `--repeats` runs the whole list that many times, interleaved, and reports
-the median per setting.
+the median per setting. `--json` keeps the rows with the machine line and the command;
+`--from_json` renders (and with `--write` writes) that run's section again without running.
 
-A flag earns a place in `ops.cpu_xla_flags()` (set by the project itself on CPU) only when it
-makes our side faster in every benchmark here, by more than the PyTorch side moved.
+A flag earns a place in `vigface_jax.CPU_XLA_FLAGS` (added by the package at import) only
+when it makes our side faster in every benchmark here, by more than the PyTorch side moved;
+`project_defaults` runs with them, every other setting without (`VIGFACE_CPU_XLA_FLAGS=0`).
 """
 
 from __future__ import annotations
@@ -29,12 +31,18 @@ import tempfile
 
 from benchmarks import data_pipeline
 from benchmarks import run
+import vigface_jax
 
 SECTION = "## XLA:CPU flags (A/B)"
 
 # name -> XLA_FLAGS. Each is one lead of the performance issue or a control.
+# Every setting but `project_defaults` runs with `VIGFACE_CPU_XLA_FLAGS=0`, so its `XLA_FLAGS`
+# are exactly the ones named; `project_defaults` is what a user gets (vigface_jax's
+# CPU_XLA_FLAGS added at import).
+PROJECT_DEFAULTS = "project_defaults"
 SETTINGS: dict[str, str] = {
     "baseline": "",
+    PROJECT_DEFAULTS: "",
     "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
     "ynn_dot_eltwise_reduce": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
     "xnn_dot": "--xla_cpu_experimental_xnn_fusion_type=dot",
@@ -82,6 +90,7 @@ def measure(names: list[str], settings: list[str], repeats: int, tiny: bool,
         where.mkdir(parents=True, exist_ok=True)
         (job,) = run.plan(bench, "cpu", tiny, where, [])
         job.env["XLA_FLAGS"] = SETTINGS[setting]
+        job.env[vigface_jax.ENV_SWITCH] = "1" if setting == PROJECT_DEFAULTS else "0"
         result = run.Result(bench, [job])
         result.outcomes.append(run.execute(job, timeout))
         if result.ok:
@@ -104,18 +113,21 @@ def table(rows: list[Row], baseline: str) -> list[str]:
   """Markdown rows: per figure, every setting against the baseline's median."""
   base = {(r.bench, r.figure): statistics.median(r.ours) for r in rows
           if r.setting == baseline and r.ours}
-  out = ["| setting | `XLA_FLAGS` | benchmark | figure | ours, images / s | PyTorch, images / s "
-         "| ratio (PyTorch time / ours) | ours / baseline's |",
-         "|---|---|---|---|---:|---:|---:|---:|"]
+  out = ["| setting | `XLA_FLAGS` | benchmark | figure | passes | ours, images / s "
+         "| PyTorch, images / s | ratio (PyTorch time / ours) | ours / baseline's |",
+         "|---|---|---|---|---:|---:|---:|---:|---:|"]
   for r in sorted(rows, key=lambda r: (r.bench, r.figure, list(SETTINGS).index(r.setting))):
-    flags_text = f"`{SETTINGS[r.setting]}`" if SETTINGS[r.setting] else "(none)"
+    flags_text = (f"`{SETTINGS[r.setting]}`" if SETTINGS[r.setting] else
+                  f"vigface_jax's: `{' '.join(vigface_jax.CPU_XLA_FLAGS)}`"
+                  if r.setting == PROJECT_DEFAULTS else "(none)")
     if r.error:
-      out.append(f"| {r.setting} | {flags_text} | `{r.bench}` | failed: {r.error} | | | | |")
+      out.append(f"| {r.setting} | {flags_text} | `{r.bench}` | failed: {r.error} | | | | | |")
       continue
     ours, ref = statistics.median(r.ours), statistics.median(r.reference)
     vs = base.get((r.bench, r.figure))
-    out.append(f"| {r.setting} | {flags_text} | `{r.bench}` | {r.figure} | {ours:.2f} | "
-               f"{ref:.2f} | **{ref / ours:.2f}** | "
+    out.append(f"| {r.setting} | {flags_text} | `{r.bench}` | {r.figure} | {len(r.ours)} | "
+               f"{ours:.2f} | "
+               f"{ref:.2f} | **{ours / ref:.2f}** | "
                f"{'' if vs is None else f'{ours / vs:.2f}'} |")
   return out
 
@@ -133,6 +145,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--write", action="store_true", help="write the section into --output")
   p.add_argument("--output", default="BENCHMARKS.md", help="markdown file for --write")
   p.add_argument("--json", default=None, help="also write the rows as JSON here")
+  p.add_argument("--from_json", default=None,
+                 help="render the table from an earlier run's --json instead of running")
   return p.parse_args(argv)
 
 
@@ -141,20 +155,28 @@ def main(argv: list[str]) -> int:
   settings = args.settings.split(",")
   # The machine line without starting a backend here: the benchmarks run in subprocesses.
   info = data_pipeline.machine(start_backend=False)
-  with tempfile.TemporaryDirectory(prefix="xla_flags_") as tmp:
-    rows = measure(args.only.split(","), settings, args.repeats, args.tiny, args.timeout,
-                   pathlib.Path(tmp))
-  info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-  sys.argv = ["xla_flags", *argv]  # section_header names the command line from sys.argv
+  if args.from_json:  # an earlier run: its own machine line, settings and repeats
+    record = json.loads(pathlib.Path(args.from_json).read_text("utf-8"))
+    info, settings, args.repeats = record["machine"], record["settings"], record["repeats"]
+    rows = [Row(**r) for r in record["rows"]]
+    argv = [a for a in record["argv"] if not a.startswith("--json")]
+  else:
+    with tempfile.TemporaryDirectory(prefix="xla_flags_") as tmp:
+      rows = measure(args.only.split(","), settings, args.repeats, args.tiny, args.timeout,
+                     pathlib.Path(tmp))
+    info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+  sys.argv = ["xla_flags", *argv]  # section_header names this command line (or the run's)
   lines = [*data_pipeline.section_header(SECTION, "benchmarks.xla_flags", info),
-           f"Median of {args.repeats} interleaved pass(es); each benchmark is the CPU suite's "
-           "(its command line in its own section), run with only `XLA_FLAGS` changed.", "",
+           f"Median over each setting's passes ({args.repeats} interleaved pass(es) of the list; "
+           "`passes` per row); each benchmark is the CPU suite's (its command line in its own "
+           "section), run with only `XLA_FLAGS` changed.", "",
            *table(rows, settings[0]), ""]
   text = "\n".join(lines)
   print(text)
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows],
-                                                  indent=1), encoding="utf-8")
+    record = {"machine": info, "argv": argv, "settings": settings, "repeats": args.repeats,
+              "rows": [dataclasses.asdict(r) for r in rows]}
+    pathlib.Path(args.json).write_text(json.dumps(record, indent=1), encoding="utf-8")
   if args.write:
     data_pipeline.write_output(args.output, text, SECTION)
   return 1 if any(r.error for r in rows if r.setting == settings[0]) else 0

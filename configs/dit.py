@@ -76,9 +76,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.model.patch_size = (6 if demo else 16) if small else 8  # must divide model.image_size
   config.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU
   config.model.remat = False  # rematerialise blocks (memory for compute)
-  # lax.scan over depth: shorter compiles of deep models; on XLA:CPU its speed against the
-  # unrolled blocks depends on the step (BENCHMARKS.md times both).
-  config.model.scan_blocks = demo
+  # lax.scan over depth: shorter compiles of deep models. Off everywhere: on XLA:CPU the demo's
+  # unrolled step (with dit.gradient_boundary and vigface_jax.CPU_XLA_FLAGS) is 1.2x the
+  # scanned one (BENCHMARKS.md "XLA:CPU flags (A/B)", `dit_demo`).
+  config.model.scan_blocks = False
   # Each token draws its patch plus `output_overlap` pixels around it, cross-faded with its
   # neighbours (dit.fold_patches): with 16×16 patches an undertrained DiT otherwise draws a
   # mosaic with a step at every patch border. 0 = DiT's unpatchify (the default's 8×8 patches).

@@ -11,6 +11,7 @@ from PIL import Image
 import pytest
 
 import config_fields
+from conftest import cli_env
 from configs import preview as preview_config
 from vigface_jax import config_lib
 from vigface_jax import main as main_lib
@@ -115,3 +116,32 @@ def test_jobs_keep_compiled_programs_in_a_persistent_cache(tmp_path):
   assert cache.is_dir() and any(cache.iterdir()), "no compiled program was cached"
   assert main_lib.compilation_cache_dir({}) == os.path.join(
       os.path.expanduser("~"), ".cache", "vigface_jax", "xla")
+
+
+def test_package_adds_its_cpu_xla_flags_unless_named_or_switched_off():
+  import vigface_jax  # pylint: disable=g-import-not-at-top
+  (flag,) = vigface_jax.CPU_XLA_FLAGS
+  name = flag.split("=")[0]
+  assert vigface_jax.with_cpu_xla_flags("") == flag
+  both = vigface_jax.with_cpu_xla_flags("--xla_force_host_platform_device_count=8")
+  assert both == f"--xla_force_host_platform_device_count=8 {flag}"
+  assert vigface_jax.with_cpu_xla_flags(f"{name}=eltwise") == f"{name}=eltwise"  # user's wins
+  for off in ("0", "false", "OFF"):
+    assert vigface_jax.with_cpu_xla_flags("--a=1", off) == "--a=1"
+  # In a fresh process: the flag is in XLA_FLAGS when the backend starts and reaches XLA, which
+  # then leaves a convolution's weight gradient out of YNNPACK (YNN fusions for dots only);
+  # without it (the control) that convolution is a YNN fusion.
+  code = ("import vigface_jax, os, jax, jax.numpy as jnp\n"
+          "x, w = jnp.ones((8, 16, 16, 32)), jnp.ones((3, 3, 32, 32))\n"
+          "f = lambda w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers="
+          "('NHWC', 'HWIO', 'NHWC')).sum()\n"
+          "hlo = jax.jit(jax.grad(f)).lower(w).compile().as_text()\n"
+          "print(os.environ.get('XLA_FLAGS', ''), '|', '__ynn_fusion' in hlo)\n")
+  out = {}
+  for switch in ("1", "0"):
+    env = dict(cli_env(), **{vigface_jax.ENV_SWITCH: switch})
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=120, check=True)
+    out[switch] = result.stdout.strip().splitlines()[-1]
+  assert out["1"] == f"{flag} | False", out
+  assert out["0"] == "| True", out  # XLA_FLAGS unset
