@@ -28,8 +28,8 @@ dropout, runs the `models.stage2.Stage2` DiT forward + backward, the denoising M
 identity loss `||normalise(f_FR(clip(x0_hat))) - normalise(row)||^2` through the frozen
 IResNet (on kept rows with t <= 300), clips the gradient, applies AdamW, updates the EMA, and
 computes the gradient / update norms and the non-finite guard. It runs twice: blocks unrolled,
-and `model.scan_blocks=True` (the demo config's setting: the same weights stacked over depth,
-`jax.lax.scan` over the blocks; its losses must match).
+and `model.scan_blocks=True` (the demo config's setting until 2026-12-02: the same weights
+stacked over depth, `jax.lax.scan` over the blocks; its losses must match).
 
 **PyTorch: the same work, eager.** The same DiT written the facebookresearch/DiT way
 (`models.py`): a `Conv2d` patch embedding (kernel = stride = p), the fixed 2-D sin-cos
@@ -108,6 +108,7 @@ from benchmarks import train_step  # the trainer's step, built and timed as loop
 from configs import dit as dit_config
 from configs import fr as fr_config
 from tests import test_iresnet as torch_ref  # the PyTorch arcface_torch IResNet copy
+import vigface_jax
 from vigface_jax import parallel
 from vigface_jax.data import landmarks as landmarks_lib
 from vigface_jax.diffusion import schedules
@@ -802,8 +803,8 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       "PyTorch (`TorchStage2Step`: DiT `models.py` recipe, arcface_torch IResNet, "
       "`clip_grad_norm_`, `torch.optim.AdamW`, DiT's `update_ema`).",
       "",
-      "| | JAX (trainer's step, blocks unrolled) | JAX (trainer's step, `scan_blocks=True`: "
-      "the demo config's) | PyTorch (same work, eager) |",
+      "| | JAX (trainer's step, blocks unrolled: the configs') | JAX (trainer's step, "
+      "`scan_blocks=True`) | PyTorch (same work, eager) |",
       "|---|---:|---:|---:|",
       f"| compile (lower + compile) s | {r['jax_compile_s']:.1f} | {r['scan_compile_s']:.1f} "
       "| - |",
@@ -873,6 +874,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _THREADS.value != cpu_threads.THREADS_EARLY:
     raise app.UsageError("--threads must be given as --threads=N.")
+  # The trainers' XLA:CPU flags, as `python -m vigface_jax.main` adds them for training tasks
+  # (before dp.machine() starts the backend; VIGFACE_CPU_XLA_FLAGS=0: none).
+  vigface_jax.add_cpu_xla_flags()
   info = dp.machine()
   r = run()
   info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -84,6 +84,7 @@ from benchmarks import data_pipeline as dp  # machine(), section_header(), write
 from benchmarks import train_step  # the trainer's step, built and timed as loop.fit runs it
 from configs import fr as fr_config
 from tests import test_iresnet as torch_ref  # the PyTorch arcface_torch IResNet copy
+import vigface_jax
 from vigface_jax import parallel
 from vigface_jax.models import iresnet
 from vigface_jax.models import layers
@@ -353,6 +354,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _THREADS.value != cpu_threads.THREADS_EARLY:
     raise app.UsageError("--threads must be given as --threads=N.")
+  # The trainers' XLA:CPU flags, as `python -m vigface_jax.main` adds them for training tasks
+  # (before dp.machine() starts the backend; VIGFACE_CPU_XLA_FLAGS=0: none).
+  vigface_jax.add_cpu_xla_flags()
   info = dp.machine()
   r = run()
   info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -51,6 +51,7 @@ import jax
 import torch
 
 from benchmarks import data_pipeline as dp
+import vigface_jax
 
 
 def _early_bench() -> str:
@@ -283,6 +284,9 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # The trainers' XLA:CPU flags, as `python -m vigface_jax.main` adds them for training tasks
+  # (before dp.machine() starts the backend; VIGFACE_CPU_XLA_FLAGS=0: none).
+  vigface_jax.add_cpu_xla_flags()
   info = dp.machine()
   r = run()
   info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -13,7 +13,7 @@ cannot change it). `--repeats` runs the whole list that many times, interleaved,
 the median per setting. `--json` keeps the rows with the machine line and the command;
 `--from_json` renders (and with `--write` writes) that run's section again without running.
 
-A flag earns a place in `vigface_jax.CPU_XLA_FLAGS` (added by the package at import) only
+A flag earns a place in `vigface_jax.CPU_XLA_FLAGS` (added for the training tasks) only
 when it makes our side faster in every benchmark here, by more than the PyTorch side moved;
 `project_defaults` runs with them, every other setting without (`VIGFACE_CPU_XLA_FLAGS=0`).
 """
@@ -37,8 +37,8 @@ SECTION = "## XLA:CPU flags (A/B)"
 
 # name -> XLA_FLAGS. Each is one lead of the performance issue or a control.
 # Every setting but `project_defaults` runs with `VIGFACE_CPU_XLA_FLAGS=0`, so its `XLA_FLAGS`
-# are exactly the ones named; `project_defaults` is what a user gets (vigface_jax's
-# CPU_XLA_FLAGS added at import).
+# are exactly the ones named; `project_defaults` is what the trainers get (vigface_jax's
+# CPU_XLA_FLAGS, which `python -m vigface_jax.main` and the step benchmarks add).
 PROJECT_DEFAULTS = "project_defaults"
 SETTINGS: dict[str, str] = {
     "baseline": "",

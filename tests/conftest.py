@@ -5,8 +5,6 @@ import os
 from absl import flags
 import jax
 
-import vigface_jax  # pylint: disable=unused-import  # its CPU XLA flags, before any backend
-
 # Library code reads absl flags (grain does too); pytest never runs absl.app.run.
 flags.FLAGS.mark_as_parsed()
 

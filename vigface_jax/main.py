@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import vigface_jax
 from vigface_jax import config_lib
 from vigface_jax import metrics
 from vigface_jax import parallel
@@ -73,6 +74,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("both --config and --workdir are required")
   config = _CONFIG.value
   # Must precede anything that creates a JAX backend.
+  if config.get("task") in vigface_jax.TRAINING_TASKS:
+    vigface_jax.add_cpu_xla_flags()
   parallel.maybe_initialize_distributed(config.distributed)
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # when set, JAX reads it itself
     import jax  # pylint: disable=g-import-not-at-top
