@@ -222,7 +222,7 @@ class Searcher:
     key = (q_rows, kk)
     if key in self._compiled:
       return self._compiled[key]
-    chunks, gc, dim, axes = self.num_chunks, self.gallery_chunk, self.dim, self.axes
+    chunks, gc, dim = self.num_chunks, self.gallery_chunk, self.dim
     kc = min(kk, gc)
     select = _two_stage_top_k if _two_stage(gc, kc) else _top_k
     tile = q_rows if self.query_tile is None else min(self.query_tile, q_rows)
