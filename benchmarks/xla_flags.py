@@ -54,9 +54,10 @@ SETTINGS: dict[str, str] = {
     "no_xnnpack": "--xla_cpu_use_xnnpack=false",
 }
 
+
 @dataclasses.dataclass
 class Row:
-  """One (setting, benchmark figure): the medians over the repeats."""
+  """One (setting, benchmark figure): its figures from every pass (the table shows medians)."""
 
   setting: str
   bench: str

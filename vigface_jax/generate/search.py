@@ -16,7 +16,9 @@ The privacy audit compares every generated image with every real training image 
   query chunk in tiles of `T` queries (`query_tile`): each step forms one `[T, G]` product in
   `dtype` (bfloat16 by default) with float32 accumulation (`preferred_element_type=float32`)
   and selects its top k'; one `lax.top_k` over every chunk's candidates then keeps the best k'.
-  Only the chunk that holds padding rows masks its product.
+  Only the chunk that holds padding rows masks its product. The devices' candidates
+  `[Q, devices·k']` are then merged into the global top-k' inside the same jitted program
+  (`jax.shard_map` for the per-device part, `jax.jit` with explicit `NamedSharding`s around it).
 * **The selection is two-stage where the chunk allows it** (`G` a multiple of `GROUP` rows and
   at least k' groups): the maximum of each group of `GROUP` consecutive rows, `lax.top_k` of
   those `G / GROUP` maxima, then `lax.top_k` of the `k' · GROUP` products of the chosen groups
@@ -28,13 +30,11 @@ The privacy audit compares every generated image with every real training image 
 * **The query tile follows the platform** when left at None: 512 queries on CPU (measured best
   with `G` = 32768 on this project's 2-core CPU: 512 x 32768 bfloat16 products and selections
   at about 150 GFLOP/s, against about 100 with 4096 x 32768), the whole query chunk on GPU and
-  TPU, where a large product keeps a wide device busy. The devices' candidates `[Q, devices·k']` are then merged into the
-  global top-k' inside the same jitted program (`jax.shard_map` for the per-device part,
-  `jax.jit` with explicit `NamedSharding`s around it).
+  TPU, where a large product keeps a wide device busy.
 * **Ties are deterministic**: `lax.top_k` puts the lower index first, the merge of the chunks'
-  candidates keeps earlier (lower-index) chunks first and the device merge keeps devices in row order, so equal
-  scores resolve to the lowest gallery index, on any device count. After rescoring the host
-  sorts by (-similarity, index), the same rule.
+  candidates keeps earlier (lower-index) chunks first and the device merge keeps devices in
+  row order, so equal scores resolve to the lowest gallery index, on any device count. After
+  rescoring the host sorts by (-similarity, index), the same rule.
 * **Rescoring** (`rescore=True`, the default): bfloat16 products carry a relative error of
   about 2^-8, which can reorder near-ties. The device search therefore returns
   `k' = min(k + margin, M)` candidates per query, the host recomputes their similarities in
@@ -106,11 +106,6 @@ def _check_matrix(x: Any, name: str) -> np.ndarray:
   return x
 
 
-def _top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`lax.top_k` of each row: values and positions, equal values in increasing position."""
-  return jax.lax.top_k(s, k)
-
-
 def _two_stage(rows: int, k: int) -> bool:
   """Whether `_two_stage_top_k` applies to `rows` columns and pays: whole groups, at least k of
   them, and the second stage at most a quarter of the row."""
@@ -118,7 +113,7 @@ def _two_stage(rows: int, k: int) -> bool:
 
 
 def _two_stage_top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`_top_k(s, k)`, equal results ties included, from `lax.top_k` of the `GROUP`-row groups'
+  """`lax.top_k(s, k)`, equal results ties included, from `lax.top_k` of the `GROUP`-row groups'
   maxima and then of the chosen groups' entries (see the module docstring)."""
   n, rows = s.shape
   group_max = s.reshape(n, rows // GROUP, GROUP).max(axis=2)
@@ -224,7 +219,7 @@ class Searcher:
       return self._compiled[key]
     chunks, gc, dim = self.num_chunks, self.gallery_chunk, self.dim
     kc = min(kk, gc)
-    select = _two_stage_top_k if _two_stage(gc, kc) else _top_k
+    select = _two_stage_top_k if _two_stage(gc, kc) else jax.lax.top_k
     tile = q_rows if self.query_tile is None else min(self.query_tile, q_rows)
     tiles = -(-q_rows // tile)
     dims = (((1,), (1,)), ((), ()))
@@ -336,8 +331,8 @@ class Searcher:
 
 def nearest(queries: Any, gallery: Any, k: int = 1, *, mesh: Mesh | None = None,
             query_chunk: int = 4096, gallery_chunk: int | None = None,
-            query_tile: int | None = None, dtype: Any = jnp.bfloat16, normalize: bool = False, rescore: bool = True,
-            margin: int = DEFAULT_MARGIN,
+            query_tile: int | None = None, dtype: Any = jnp.bfloat16,
+            normalize: bool = False, rescore: bool = True, margin: int = DEFAULT_MARGIN,
             progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k inner-product neighbours of `queries` in `gallery` (see the module docstring).
 
@@ -359,8 +354,8 @@ def nearest(queries: Any, gallery: Any, k: int = 1, *, mesh: Mesh | None = None,
     `(sims float32 [N, k], index int64 [N, k])`, best first, ties in increasing index.
   """
   searcher = Searcher(gallery, mesh=mesh, query_chunk=query_chunk, gallery_chunk=gallery_chunk,
-                      query_tile=query_tile, dtype=dtype, normalize=normalize, rescore=rescore, margin=margin,
-                      progress=progress)
+                      query_tile=query_tile, dtype=dtype, normalize=normalize, rescore=rescore,
+                      margin=margin, progress=progress)
   return searcher(queries, k)
 
 
