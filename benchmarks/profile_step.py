@@ -74,9 +74,16 @@ flags.DEFINE_enum("bench", "fr", ["fr", "dit"], "The step: fr (benchmarks/fr_ste
 _SCAN = flags.DEFINE_bool("scan", False, "--bench=dit: profile the scanned blocks' step.")
 _TRACE_STEPS = flags.DEFINE_integer("trace_steps", 3, "Steps profiled per framework.")
 _TOP = flags.DEFINE_integer("top", 12, "Single ops listed per framework.")
+_HEADING = flags.DEFINE_string("heading", "", "Appended to the section heading (', NOTE'), so "
+                               "a profile of another size keeps a section of its own.")
 
 SECTIONS = {"fr": "## Where the stage-1 step's time goes (profiles)",
             "dit": "## Where the DiT step's time goes (profiles)"}
+
+
+def heading() -> str:
+  """This run's section heading: the bench's, with `--heading` appended."""
+  return SECTIONS[BENCH] + (f", {_HEADING.value}" if _HEADING.value else "")
 KINDS = ("conv / matmul", "layout copies", "elementwise + reductions", "other")
 PHASES = ("forward", "backward", "update", "unlabelled")
 _OP = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\(")
@@ -253,7 +260,7 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
   jtotal = sum(j["table"].values()) or 1.0
   ttotal = sum(t["kinds"].values()) or 1.0
   script = "dit_step" if BENCH == "dit" else "fr_step"
-  lines = dp.section_header(SECTIONS[BENCH], "benchmarks.profile_step", info) + [
+  lines = dp.section_header(heading(), "benchmarks.profile_step", info) + [
       f"{r['what']}; {r['torch_threads']} torch threads, process pinned to {r['affinity']} "
       "CPU(s); "
       f"{_TRACE_STEPS.value} profiled steps each after 2 warm-up steps. Wall time per step "
@@ -293,7 +300,7 @@ def main(argv: list[str]) -> None:
   section = to_markdown(info, r)
   print(section)
   if flags.FLAGS.output:
-    dp.write_output(flags.FLAGS.output, section, SECTIONS[BENCH])
+    dp.write_output(flags.FLAGS.output, section, heading())
 
 
 if __name__ == "__main__":

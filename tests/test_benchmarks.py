@@ -265,15 +265,17 @@ def test_profile_classifies_each_xla_op_by_kind_and_pass():
 
 def test_profile_of_the_demo_step_accounts_for_both_frameworks(tmp_path):
   """`benchmarks.profile_step` at tiny sizes: both profilers ran, the JAX ops it matched to the
-  compiled step fill the table, and the section is written where asked."""
+  compiled step fill the table, and the section is written where asked, under its heading
+  with `--heading`'s note (another size keeps its own section)."""
   require("torch", "the PyTorch side of profile_step (pip install -e '.[test]')")
   md = tmp_path / "profile.md"
   args = [*bench_run._FR_TINY[:3], "--input_size=48", "--embed_dim=128", "--trace_steps=1",  # pylint: disable=protected-access
-          f"--output={md}"]
+          f"--output={md}", "--heading=tiny"]
   result = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", *args], env=_env(),
                           cwd=_REPO, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  section = _section(md.read_text(), "## Where the stage-1 step's time goes (profiles)")
+  section = _section(md.read_text(), "## Where the stage-1 step's time goes (profiles), tiny")
+  assert "## Where the stage-1 step's time goes (profiles)\n" not in md.read_text()
   conv = re.search(r"^\| conv / matmul \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|",
                    section, re.MULTILINE)
   assert conv and float(conv.group(1)) > 0 and float(conv.group(2)) > 0, section
@@ -305,3 +307,26 @@ def test_xla_flags_ab_reports_each_setting_and_a_flag_that_breaks_the_run(tmp_pa
   assert cells[-3].strip() == f"**{base.ours[0] / base.reference[0]:.2f}**", text
   with pytest.raises(ValueError, match="no_such_setting"):
     xla_flags.measure(["fr_demo"], ["no_such_setting"], 1, True, 600, tmp_path)
+
+
+def test_train_loop_benchmark_times_both_settings_and_the_step_alone(tmp_path):
+  """`benchmarks.train_loop` on the tiny config: a row with both loop settings, the step alone
+  and the ratios of its own medians, written as its section; too few steps is refused."""
+  out = tmp_path / "BENCHMARKS.md"
+  record = tmp_path / "loop.json"
+  cmd = [sys.executable, "-m", "benchmarks.train_loop", "--configs=tiny", "--steps=8",
+         "--repeats=1", "--write", f"--output={out}", f"--json={record}"]
+  done = subprocess.run(cmd, env=_env(), cwd=_REPO, capture_output=True, text=True,
+                        timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  (row,) = json.loads(record.read_text())["rows"]
+  before, now, alone = row["before"][0], row["now"][0], row["alone"][0]
+  assert min(before, now, alone) > 0, row
+  text = _section(out.read_text(), "## Training loop: host reads and overhead")
+  assert "python -m benchmarks.train_loop --configs=tiny" in text, text
+  (line,) = _rows(text, "tiny")
+  cells = [c.strip() for c in line.split("|")]
+  assert cells[5] == f"**{now / before:.2f}**" and cells[7] == f"{now / alone:.2f}", line
+  refused = subprocess.run(cmd[:3] + ["--configs=tiny", "--steps=4"], env=_env(), cwd=_REPO,
+                           capture_output=True, text=True, timeout=120, check=False)
+  assert refused.returncode != 0 and "--steps=4" in refused.stderr, refused.stderr[-2000:]

@@ -417,6 +417,32 @@ def test_nonfinite_steps_are_skipped_up_to_the_limit_then_training_stops(tmp_pat
              data=_toy_batches([1, np.inf, np.inf, np.inf, 1, 1]), images_per_step=4)
 
 
+def test_nonfinite_flags_are_read_at_log_steps_and_checkpoints_only(tmp_path, monkeypatch):
+  """By default the host reads `finite` at log steps and checkpoints only (one transfer for
+  the steps since the last read): a NaN at step 6 stops the run at step 8, naming step 6 and
+  keeping checkpoint 4. `finite_check_every=1` reads every step one step late (the control:
+  the counter sees the extra reads), stopping at step 7."""
+  guards = []
+
+  class Counted(loop._FiniteGuard):  # pylint: disable=protected-access
+    def __init__(self, *args):
+      super().__init__(*args)
+      guards.append(self)
+
+  monkeypatch.setattr(loop, "_FiniteGuard", Counted)
+  scales = [1, 1, 1, 1, 1, np.inf, 1, 1, 1, 1, 1, 1]
+  for every, reads in ((0, 2), (1, 6)):
+    workdir = tmp_path / str(every)
+    with pytest.raises(loop.TrainingDiverged, match=r"step 6 .*last good checkpoint is step 4"):
+      loop.fit(_toy_config(12, log_every=4, checkpoint_every=4, finite_check_every=every),
+               str(workdir), mesh=_mesh(), create_model=_Toy, loss_fn=_toy_loss,
+               data=_toy_batches(scales), images_per_step=4)
+    assert guards[-1].reads == reads, (every, guards[-1].reads)
+    assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [4]
+    records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [4]
+
+
 class _WiderToy(nnx.Module):
   """`_Toy` with another architecture: a hidden layer its checkpoints do not have."""
 

@@ -247,11 +247,16 @@ def train_config(**overrides: Any) -> config_dict.ConfigDict:
                        CPU)
   skip_nonfinite       non-finite steps in a row that are skipped (no update; counted in
                        `train/skipped_steps`) before training stops; 0: stop at the first
+  finite_check_every   also read the steps' non-finite flags every N steps, one step late (1:
+                       a NaN stops the run a step later); 0: only at log steps, before a
+                       checkpoint, on a stop and at the end, so the host never waits on the
+                       device between them (a NaN stops the run at the next of those)
   """
   return _section({
       "num_steps": 1000, "seed": 0, "log_every": 50, "checkpoint_every": 1000,
       "keep_checkpoints": 3, "async_checkpoint": True, "ema_decay": 0.0, "ema_warmup": False,
       "profile_steps": (), "peak_tflops_per_device": 0.0, "skip_nonfinite": 0,
+      "finite_check_every": 0,
   }, overrides, "train")
 
 

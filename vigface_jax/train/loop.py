@@ -4,7 +4,11 @@ Its `config.train` fields are declared by `config_lib.train_config` (what each d
 written there) and checked by `validate`.
 
 A non-finite loss or gradient leaves the state unchanged, stops the run with
-`TrainingDiverged` and keeps the last good checkpoint. A stop request (`preemption`: SIGTERM,
+`TrainingDiverged` and keeps the last good checkpoint. The host reads the steps' `finite` flags
+only where it must (a log step, before a checkpoint, on a stop request, at the end; big_vision
+reads at log steps too), so it never waits on a step it has just dispatched; a non-finite step
+therefore stops the run at the next of those points, naming the step
+(`train.finite_check_every` reads more often). A stop request (`preemption`: SIGTERM,
 SIGINT) ends the run after the current step with a committed checkpoint of it and
 `preemption.Preempted`.
 """
@@ -60,6 +64,7 @@ def validate(train: config_lib.Fields) -> None:
     train.fail("profile_steps", "() or (start, stop) with 0 < start <= stop", profile)
   train.float("peak_tflops_per_device", 0.0)
   train.int("skip_nonfinite", 0)
+  train.int("finite_check_every", 0)
 
 
 def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -167,12 +172,12 @@ def fit(
   train_last: dict[str, Any] = {}
   eval_last: dict[str, Any] = {}
   window: list[dict[str, jax.Array]] = []
-  pending = None  # (step, metrics) of the previous step, checked one step late
   tick, tick_step, profiling = time.perf_counter(), start, False
   flops = None  # per step, from XLA's cost analysis of the step (0 when unavailable)
   peak = peak_flops_per_second(train.peak_tflops_per_device)
   multi = jax.process_count() > 1  # every process asks at every step: they stop together
   check_finite = _FiniteGuard(int(train.get("skip_nonfinite", 0)), ckpt)
+  check_every = int(train.get("finite_check_every", 0))
   if start:
     logging.info("resuming at step %d of %d", start, num_steps)
   try:
@@ -190,15 +195,15 @@ def fit(
       if step == start + 1:  # the first step compiles: keep it out of step time and images/s
         jax.block_until_ready(m)
         tick, tick_step = time.perf_counter(), step
-      if pending is not None:
-        check_finite(*pending)
-      pending = (step, m)
+      check_finite.add(step, m)
+      if check_every and step % check_every == 0:
+        check_finite(late=True)  # the steps before this one: never wait on the newest
       if profiling and step >= int(profile[1]):
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
         profiling = False
       if step % log_every == 0 or step == num_steps:
-        check_finite(*pending)
+        check_finite()
         last = _mean_metrics(window)
         last["lr"] = float(schedule(step - 1))
         if check_finite.limit:
@@ -214,16 +219,16 @@ def fit(
         writer.write_scalars(step, train_last)
         window, tick, tick_step = [], time.perf_counter(), step
       if ckpt_every and step % ckpt_every == 0 and step != num_steps:
-        check_finite(*pending)  # never save a step that did not update
+        check_finite()  # never save a step that did not update
         ckpt.save(step, state, checkpoint_data)
       if step == num_steps:  # before the end-of-training evaluations: a failing one loses none
-        check_finite(*pending)
+        check_finite()
         ckpt.save(num_steps, state, checkpoint_data, force=True)
       t0 = time.perf_counter()
       eval_last.update(evaluators_lib.run_due(evaluators, step, num_steps, state, writer))
       tick += time.perf_counter() - t0  # evaluation time is not training time
       if step != num_steps and preemption.requested(sync=multi):
-        check_finite(*pending)  # a non-finite step is not saved: the last good one stays
+        check_finite()  # a non-finite step is not saved: the last good one stays
         ckpt.wait()  # a periodic save of this step may still be in flight
         if ckpt.latest_step() != step:
           ckpt.save(step, state, checkpoint_data, force=True)
@@ -287,18 +292,30 @@ def _step_flops(step_fn, state, batch) -> float:
 
 
 class _FiniteGuard:
-  """Reads each step's `finite` once: skips up to `limit` non-finite steps in a row (the step
-  already left the parameters alone), then stops with `TrainingDiverged`."""
+  """Reads each step's `finite` once, the steps not yet read in one host transfer: skips up
+  to `limit` non-finite steps in a row (the step already left the parameters alone), then
+  stops with `TrainingDiverged`. `reads` counts the host transfers."""
 
   def __init__(self, limit: int, ckpt: checkpoint_lib.Checkpointer):
     self.limit, self.ckpt = int(limit), ckpt
-    self.checked, self.in_a_row, self.skipped = 0, 0, 0
+    self.in_a_row, self.skipped, self.reads = 0, 0, 0
+    self.unread: list[tuple[int, dict[str, jax.Array]]] = []
 
-  def __call__(self, step: int, m: dict[str, jax.Array]) -> None:
-    if step <= self.checked:
+  def add(self, step: int, m: dict[str, jax.Array]) -> None:
+    self.unread.append((step, m))
+
+  def __call__(self, late: bool = False) -> None:
+    """Reads every unread step (`late`: all but the newest) in step order."""
+    todo = self.unread[:-1] if late else self.unread
+    if not todo:
       return
-    self.checked = step
-    if float(m["finite"]) > 0:
+    self.unread = self.unread[len(todo):]
+    self.reads += 1
+    for (step, m), finite in zip(todo, jax.device_get([m["finite"] for _, m in todo])):
+      self._one(step, m, float(finite) > 0)
+
+  def _one(self, step: int, m: dict[str, jax.Array], finite: bool) -> None:
+    if finite:
       self.in_a_row = 0
       return
     self.in_a_row += 1
