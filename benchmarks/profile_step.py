@@ -18,7 +18,12 @@ identical weights), and each side is profiled over `--trace_steps` steps after w
   softmax, the loss, the optimizer), and the rest. Each is split into forward, backward
   (ops whose metadata says `transpose(`: JAX's reverse pass), update (other ops with JAX
   metadata: the optimizer, norms, the finite guard) and unlabelled (ops XLA made without
-  any: mostly the weight gradients' convolutions and their layout copies).
+  any: mostly the weight gradients' convolutions and their layout copies). The same steps
+  are also timed without the profiler; what their time exceeds the op events' sum by is a
+  row of its own: XLA:CPU's own convolutions run asynchronously on its thread pool and their
+  events cover the launch only, so with `--xla_cpu_experimental_ynn_fusion_type=dot` (the
+  trainers' CPU flag, which takes convolutions out of YNNPACK) that row is mostly
+  convolution time.
 * PyTorch: `torch.profiler` (CPU), self time per aten op, in the same kinds.
 
 Both are printed with each kind's milliseconds per step and its share, and written as one
@@ -151,6 +156,12 @@ def jax_profile(trainer: Any, batch: Any, steps: int) -> dict[str, Any]:
   for _ in range(2):
     state, _ = compiled(state, batch)
   jax.block_until_ready(state)
+  plain = []  # the same steps without the profiler: what the op events should account for
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
+    plain.append(time.perf_counter() - t0)
   with tempfile.TemporaryDirectory() as trace_dir:
     t0 = time.perf_counter()
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -175,7 +186,8 @@ def jax_profile(trainer: Any, batch: Any, steps: int) -> dict[str, Any]:
     ms = e.get("dur", 0) / 1e3 / steps
     table[(kind_of(e["name"], opcode), phase_of(op_name))] += ms
     single[(e["name"], op_name)] += ms
-  return {"wall_ms": wall * 1e3, "table": table, "single": single.most_common(_TOP.value)}
+  return {"wall_ms": wall * 1e3, "step_ms": sorted(plain)[len(plain) // 2] * 1e3,
+          "table": table, "single": single.most_common(_TOP.value)}
 
 
 _TORCH_KINDS = (
@@ -257,7 +269,9 @@ def run() -> dict[str, Any]:
 
 def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
   j, t = r["jax"], r["torch"]
-  jtotal = sum(j["table"].values()) or 1.0
+  events = sum(j["table"].values())
+  uncovered = max(0.0, j["step_ms"] - events)
+  jtotal = (events + uncovered) or 1.0
   ttotal = sum(t["kinds"].values()) or 1.0
   script = "dit_step" if BENCH == "dit" else "fr_step"
   lines = dp.section_header(heading(), "benchmarks.profile_step", info) + [
@@ -267,7 +281,13 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
       f"under the profilers: JAX {j['wall_ms']:.0f} ms, PyTorch {t['wall_ms']:.0f} ms "
       f"(profiling slows both; `benchmarks/{script}.py` has the step times of record).",
       "",
-      "JAX (the trainer's jitted step; XLA op time from `jax.profiler`, ms per step):",
+      "JAX (the trainer's jitted step; XLA op time from `jax.profiler`, ms per step). The op "
+      f"events sum to {events:.1f} ms per step against {j['step_ms']:.1f} ms for the same step "
+      "timed without the profiler (median); the difference is the last row. XLA:CPU runs "
+      "its own convolutions (those not in a `ynn_fusion`) asynchronously on its thread pool, "
+      "and their events cover the launch only (a lone 3×3 convolution: a 0.1 ms event for a "
+      "25 ms convolution), so most of that row is convolution time and the conv row is a "
+      "lower bound:",
       "",
       "| kind | " + " | ".join(PHASES) + " | total | share |",
       "|---|" + "---:|" * (len(PHASES) + 2),
@@ -276,6 +296,9 @@ def to_markdown(info: dict[str, Any], r: dict[str, Any]) -> str:
     row = [j["table"].get((kind, p), 0.0) for p in PHASES]
     lines.append(f"| {kind} | " + " | ".join(f"{v:.1f}" for v in row) +
                  f" | {sum(row):.1f} | {100 * sum(row) / jtotal:.0f}% |")
+  lines.append("| not covered by op events (step time without the profiler − their sum) | " +
+               " | ".join("–" for _ in PHASES) +
+               f" | {uncovered:.1f} | {100 * uncovered / jtotal:.0f}% |")
   lines += ["", "Largest single JAX ops (ms per step, HLO name, JAX op):", ""]
   lines += [f"* {ms:.1f} `{name}` {op_name[-90:]}" for (name, op_name), ms in j["single"]]
   lines += ["", "PyTorch (the reference step; self CPU time from `torch.profiler`, ms per "

@@ -282,6 +282,10 @@ def test_profile_of_the_demo_step_accounts_for_both_frameworks(tmp_path):
   torch_conv = re.findall(r"^\| conv / matmul \| ([\d.]+) \| \d+% \|$", section, re.MULTILINE)
   assert torch_conv and float(torch_conv[0]) > 0, section
   assert "`aten::" in section and "_fusion" in section, section
+  step = re.search(r"against ([\d.]+) ms for the same step timed without the profiler", section)
+  assert step and float(step.group(1)) > 0, section
+  assert re.search(r"^\| not covered by op events .*\| [\d.]+ \| \d+% \|$", section,
+                   re.MULTILINE), section
 
 
 def test_xla_flags_ab_reports_each_setting_and_a_flag_that_breaks_the_run(tmp_path,
