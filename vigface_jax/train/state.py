@@ -210,10 +210,14 @@ def make_train_step(
   """The jitted step `(state, batch) -> (state, metrics)`; `state` is donated.
 
   Metrics always include `loss`, `grad_norm` (before clipping) and `finite` (1.0 when the
-  loss, the gradient norm and the update norm are finite). A non-finite step changes nothing:
-  the returned state equals the input (step not incremented), so the caller can stop and keep
-  the last good checkpoint; with `skip_nonfinite` only the step counter moves on (the batch is
-  skipped: parameters, optimizer state and EMA stay).
+  loss and the gradient norm are finite; a gradient large enough to overflow an update
+  overflows its norm first). A non-finite step changes nothing: the returned state equals the
+  input (step not incremented), so the caller can stop and keep the last good checkpoint;
+  with `skip_nonfinite` only the step counter moves on (the batch is skipped: parameters,
+  optimizer state and EMA stay). The update is a `lax.cond` on `finite`, so a good step
+  updates the donated state in place, once: a select of new against old state after the
+  update (and the update's own norm to gate it) cost 2.7× the time of the update itself for
+  DiT-B's 127M parameters on XLA:CPU (`BENCHMARKS.md`, "Targets and what was tried").
   """
   replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
 
@@ -227,22 +231,25 @@ def make_train_step(
 
     (loss, (metrics, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema
-    if ema is not None:
-      decay = jnp.float32(ema_decay)
-      if ema_warmup:  # short runs are not dominated by the initialisation
-        step = state.step.astype(jnp.float32)
-        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-    new = state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state,
-                        ema=ema)
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.tree.norm(updates)))
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-    if skip_nonfinite:
-      new = new.replace(step=state.step + 1)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def update(state: TrainState) -> TrainState:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      ema = state.ema
+      if ema is not None:
+        decay = jnp.float32(ema_decay)
+        if ema_warmup:  # short runs are not dominated by the initialisation
+          step = state.step.astype(jnp.float32)
+          decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+      return state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state,
+                           ema=ema)
+
+    def keep(state: TrainState) -> TrainState:
+      return state.replace(step=state.step + 1) if skip_nonfinite else state
+
+    new = jax.lax.cond(finite, update, keep, state)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                    finite=finite.astype(jnp.float32))
     return new, metrics
