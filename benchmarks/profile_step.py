@@ -250,7 +250,8 @@ def dit_sides() -> tuple[Any, Any, Any, str]:
   r = sides.out
   what = (f"DiT ({r['hidden']} wide, {r['depth']} blocks, {r['heads']} heads) with "
           f"{dit_step._PATCH.value}x{dit_step._PATCH.value} patches at "  # pylint: disable=protected-access
-          f"{dit_step.INPUT_SIZE}x{dit_step.INPUT_SIZE} ({r['tokens']} tokens), batch "
+          f"{dit_step._IMAGE_SIZE.value}x{dit_step._IMAGE_SIZE.value} ({r['tokens']} tokens; "  # pylint: disable=protected-access
+          f"faces of {dit_step.INPUT_SIZE}x{dit_step.INPUT_SIZE}), batch "
           f"{dit_step._BATCH.value}, identity loss through the frozen IResNet-"  # pylint: disable=protected-access
           f"{r['fr']['arch']}, {dit_step._DTYPE.value}, blocks "  # pylint: disable=protected-access
           f"{'scanned' if _SCAN.value else 'unrolled'}")
