@@ -35,7 +35,6 @@ import pathlib
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any
 
 import vigface_jax
@@ -54,63 +53,56 @@ def _config(variant: str, steps: int):
   return config
 
 
-def _fit(variant: str, steps: int, every: int, workdir: str) -> float:
-  """images/s of `loop.fit` over the logged windows after the first."""
+def _task(variant: str, steps: int, data_fn):
+  """The `fr` task's pieces for `configs/fr.py:<variant>`, as `train/fr.py` `run` builds
+  them: `data_fn(config, mesh, data, create_model, loss_fn)` runs with its input pipeline open."""
   from vigface_jax import parallel  # pylint: disable=g-import-not-at-top
   from vigface_jax.data import pipeline
   from vigface_jax.train import fr
-  from vigface_jax.train import loop
 
   config = _config(variant, steps)
-  config.train.finite_check_every = every
   fr.validate(config)
   mesh = parallel.mesh_from_config(config)
   with pipeline.make_pipeline(config, mesh, config.sharding_rules) as data:
     n = pipeline.num_classes(config, data.source)
     k = int(config.virtual.num_virtual)
     pad = fr.class_padding(config, mesh, n + k)
-    loop.fit(config, workdir, mesh=mesh, create_model=fr.create_model(config, n, k, pad),
-             loss_fn=fr._loss_fn(config, mesh),  # pylint: disable=protected-access
+    return data_fn(config, mesh, data, fr.create_model(config, n, k, pad),
+                   fr._loss_fn(config, mesh))  # pylint: disable=protected-access
+
+
+def _fit(variant: str, steps: int, every: int, workdir: str) -> float:
+  """images/s of `loop.fit` over the logged windows after the first."""
+  from vigface_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+  def fit(config, mesh, data, create_model, loss_fn):
+    config.train.finite_check_every = every
+    loop.fit(config, workdir, mesh=mesh, create_model=create_model, loss_fn=loss_fn,
              data=data, images_per_step=int(config.data.global_batch_size))
+    return int(config.data.global_batch_size)
+
+  batch_size = _task(variant, steps, fit)
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  windows = [r for r in records if "train/step_time_s" in r][1:]
-  if not windows:
+  timed = [r for r in records if "train/step_time_s" in r]
+  if len(timed) < 2:
     raise ValueError(f"--steps={steps}: too few steps for a timed window after the first")
-  previous = [r["step"] for r in records if "train/step_time_s" in r]
-  seconds = sum(r["train/step_time_s"] * (r["step"] - p) for r, p in zip(windows, previous))
-  images = int(config.data.global_batch_size) * (windows[-1]["step"] - previous[0])
-  return images / seconds
+  seconds = sum(r["train/step_time_s"] * (r["step"] - p["step"])
+                for p, r in zip(timed, timed[1:]))
+  return batch_size * (timed[-1]["step"] - timed[0]["step"]) / seconds
 
 
 def _step_alone(variant: str, steps: int) -> float:
-  """images/s of the config's jitted step on one device batch, each step blocked on."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vigface_jax import parallel
-  from vigface_jax.data import pipeline
-  from vigface_jax.train import fr
-  from vigface_jax.train import loop
+  """images/s of the config's jitted step on one device batch, each step blocked on
+  (`benchmarks/train_step.py`'s `build` and `time_steps`, as the step benchmarks time it)."""
+  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
 
-  config = _config(variant, steps)
-  fr.validate(config)
-  mesh = parallel.mesh_from_config(config)
-  with pipeline.make_pipeline(config, mesh, config.sharding_rules) as data:
-    n = pipeline.num_classes(config, data.source)
+  def alone(config, mesh, data, create_model, loss_fn):
     batch = next(data)
-  k = int(config.virtual.num_virtual)
-  pad = fr.class_padding(config, mesh, n + k)
-  trainer = loop.make_trainer(config, mesh, fr.create_model(config, n, k, pad),
-                              fr._loss_fn(config, mesh))  # pylint: disable=protected-access
-  state = trainer.state
-  for _ in range(2):  # compile and warm up
-    state, m = trainer.step(state, batch)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(max(3, steps // 4)):
-    t0 = time.perf_counter()
-    state, m = trainer.step(state, batch)
-    jax.block_until_ready((state, m))
-    times.append(time.perf_counter() - t0)
-  return int(config.data.global_batch_size) / statistics.median(times)
+    trainer = train_step.build(config, mesh, create_model, loss_fn)
+    times = train_step.time_steps(trainer, batch, max(3, steps // 4))["times"]
+    return int(config.data.global_batch_size) / statistics.median(times)
+
+  return _task(variant, steps, alone)
 
 
 def measure(variants: list[str], steps: int, repeats: int) -> list[dict[str, Any]]:
