@@ -133,6 +133,54 @@ def test_bad_inputs_name_what_is_missing(tmp_path):
     quality.run(config, str(tmp_path / "w"))
   with pytest.raises(config_lib.ConfigError, match="control"):
     quality.run(_config(gen, control="typo"), str(tmp_path / "w"))
+  for bad in ((0, 0), (-1,), (0.5,)):
+    with pytest.raises(config_lib.ConfigError, match="fr_seeds"):
+      quality.run(_config(gen, fr_seeds=bad), str(tmp_path / "w"))
+
+
+def test_fr_seeds_repeat_both_runs_and_the_row_holds_the_mean_over_seeds(rows):
+  """Two seeds: the recipe's own seed reuses the single-seed row's runs (same directories, not
+  retrained), the other trains its own pair; the headline is the per-seed mean."""
+  work, first, _, real_mtime = rows
+  gen = work.parent / "gen"
+  row = tasks.run(_config(gen, name="fake", note="planted", fr_seeds=(0, 3)), str(work))
+  assert os.path.getmtime(work / "real" / "summary.json") == real_mtime
+  assert row["seeds"] == [0, 3]
+  zero, three = row["per_seed"]
+  assert zero["accuracy_generated"] == first["accuracy_generated"]
+  assert zero["accuracy_real"] == first["accuracy_real"]
+  other = _summary(work / "real_seed3" / "summary.json")
+  assert three["accuracy_real"] == other[quality.ACCURACY]
+  assert three["accuracy_generated"] == _summary(
+      work / "rows" / "fake" / "fr_seed3" / "summary.json")[quality.ACCURACY]
+  saved = _summary(work / "real_seed3" / "config.json")
+  assert saved["train"]["seed"] == 3
+  ratios = [zero["accuracy_generated"] / zero["accuracy_real"],
+            three["accuracy_generated"] / three["accuracy_real"]]
+  assert row["ratio"] == pytest.approx(np.mean(ratios))
+  assert row["ratio_seed_std"] == pytest.approx(np.std(ratios, ddof=1))
+  mean_gen = np.mean([zero["accuracy_generated"], three["accuracy_generated"]])
+  assert row["accuracy_generated"] == pytest.approx(mean_gen)
+  mean_real = np.mean([zero["accuracy_real"], three["accuracy_real"]])
+  assert row["ratio_above_chance"] == pytest.approx((mean_gen - 0.5) / (mean_real - 0.5))
+  md = (work / "quality.md").read_text()
+  line = next(l for l in md.splitlines() if l.startswith("| fake — planted"))
+  assert f"{row['ratio']:.1%} ± {row['ratio_seed_std']:.1%}" in line and line.endswith("| 2 |")
+
+
+def test_summarise_averages_ratios_per_seed_and_names_missing_figures():
+  per = [{"accuracy_generated": 0.7, "accuracy_real": 0.8, "ratio": 0.875,
+          "accuracy_std_generated": 0.02},
+         {"accuracy_generated": 0.6, "accuracy_real": 0.9, "ratio": 0.6 / 0.9,
+          "accuracy_std_generated": 0.03}]
+  s = quality.summarise(per)
+  assert s["ratio"] == pytest.approx((0.875 + 0.6 / 0.9) / 2)  # not 0.65 / 0.85
+  assert s["accuracy_std_generated"] is None and s["accuracy_generated_seed_std"] > 0
+  one = quality.summarise(per[:1])
+  assert one["ratio_seed_std"] is None and one["accuracy_std_generated"] == 0.02
+  assert one["ratio_above_chance"] == pytest.approx(0.2 / 0.3)
+  missing = quality.summarise([dict(per[0], accuracy_generated=None, ratio=None)])
+  assert missing["ratio"] is None and missing["ratio_above_chance"] is None
 
 
 def test_a_stopped_row_resumes_its_fr_run_instead_of_starting_over(rows, tmp_path):

@@ -9,8 +9,14 @@ carries what the generation run measured under its independent encoder (realism,
 consistency, separability, diversity, each beside the same figure on real data) and the
 stage-2 and sampler settings, so every change to the generator is judged by the same figures.
 
-Writes into the workdir: `real/` (the real baseline's fr run, reused while its config is
-unchanged), `rows/<name>/{data,fr,sheet.png,row.json}` and the table `quality.json` /
+`fr_seeds` repeats both runs under each FR seed (`fr.train.seed`: initialisation and data
+order): the figure moves by about 3 points between seeds at demo size (README "Generator
+quality"), so a lever is judged by the mean ± std over seeds, and the ratio is taken per
+seed (generated and real under the same seed) before it is averaged.
+
+Writes into the workdir: `real/` (the real baseline's fr run under the recipe's own seed,
+reused while its config is unchanged; `real_seed<S>/` under another seed S),
+`rows/<name>/{data,fr,fr_seed<S>,sheet.png,row.json}` and the table `quality.json` /
 `quality.md`.
 """
 
@@ -56,6 +62,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   f.int("real_offset", 0)
   f.int("sheet_ids", 1)
   f.int("sheet_images", 1)
+  seeds = config.get("fr_seeds")
+  if (not isinstance(seeds, (tuple, list)) or len(set(seeds)) != len(seeds)
+      or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
+    f.fail("fr_seeds", "a tuple of distinct non-negative ints (() = the recipe's own seed)",
+           seeds)
   fr = config.get("fr")
   if not isinstance(fr, ml_collections.ConfigDict) or fr.get("task") != "fr":
     f.fail("fr", "an fr task config (configs/fr.py:usefulness)", fr)
@@ -169,8 +180,38 @@ def write_sheet(path: str, chosen: list[list[str]], config: ml_collections.Confi
   report.contact_sheet(path, np.stack(gen), np.stack(real), rows, cols)
 
 
+def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
+  """Mean and sample std (None for one value) of the figures, None when any is missing."""
+  if not values or any(v is None for v in values):
+    return None, None
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+  """A row's headline figures from its per-seed runs: each accuracy and the ratio as the mean
+  over seeds (the ratio per seed first), their std over seeds, and the ratio above chance,
+  (acc_generated − 0.5) / (acc_real − 0.5) of the means. One seed: its own figures, the
+  fold std of the generated run in `accuracy_std_generated` as before."""
+  out = {}
+  for key in ("accuracy_generated", "accuracy_real", "ratio"):
+    out[key], out[key + "_seed_std"] = _mean_std([p[key] for p in per_seed])
+  out["accuracy_std_generated"] = (per_seed[0]["accuracy_std_generated"]
+                                   if len(per_seed) == 1 else None)
+  gen, real = out["accuracy_generated"], out["accuracy_real"]
+  out["ratio_above_chance"] = (None if gen is None or real is None or real <= 0.5
+                               else (gen - 0.5) / (real - 0.5))
+  return out
+
+
 def _fmt(value: Any, spec: str = ".3f") -> str:
   return "–" if value is None else format(value, spec)
+
+
+def _spread(r: dict[str, Any], key: str, spec: str) -> str:
+  """'mean ± std over seeds' where there are several, else the figure alone."""
+  std = r.get(key + "_seed_std")
+  return _fmt(r.get(key), spec) + ("" if std is None else f" ± {format(std, spec)}")
 
 
 def _pair(d: dict[str, Any] | None, spec: str = ".3f") -> str:
@@ -182,8 +223,8 @@ def table(rows: list[dict[str, Any]]) -> str:
   """The markdown table of `quality.json` rows."""
   head = ("| row | stage 2 | realism: classifier acc. (0.5 = indistinguishable) / FD | "
           "consistency top-1 gen / real | nearest-other cos gen / real | intra-pair cos "
-          "gen / real | FR on generated | FR on real | ratio |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+          "gen / real | FR on generated | FR on real | ratio | ratio above chance | FR seeds |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
   lines = [head]
   for r in rows:
     s = r["generated"]["stage2"]
@@ -196,8 +237,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         f"{_pair(g.get('consistency/top1'))} | "
         f"{_pair(g.get('separability/nearest_other_cos_mean'))} | "
         f"{_pair(g.get('diversity/intra_pair_cos_mean'))} | "
-        f"{_fmt(r['accuracy_generated'], '.2%')} | "
-        f"{_fmt(r['accuracy_real'], '.2%')} | {_fmt(r['ratio'], '.1%')} |")
+        f"{_spread(r, 'accuracy_generated', '.2%')} | "
+        f"{_spread(r, 'accuracy_real', '.2%')} | {_spread(r, 'ratio', '.1%')} | "
+        f"{_fmt(r.get('ratio_above_chance'), '.1%')} | {len(r.get('seeds') or [0])} |")
   return "\n".join(lines) + "\n"
 
 
@@ -214,34 +256,44 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   row_dir = os.path.join(workdir, "rows", slug)
   os.makedirs(row_dir, exist_ok=True)
 
-  real_fr = copy.deepcopy(config.fr)
-  with real_fr.unlocked():
-    real_fr.data.num_identities, real_fr.data.images_per_identity = num_ids, per_id
-    real_fr.data.identity_offset = int(config.real_offset)
-  real = _fr_run(real_fr, os.path.join(workdir, "real"))
-  preemption.check("after the real recipe's run, before the generated one")
-
   data_dir = os.path.join(row_dir, "data")
-  link_dataset(chosen, data_dir, config.control, int(config.control_seed))
-  gen_fr = copy.deepcopy(config.fr)
-  with gen_fr.unlocked():
-    gen_fr.data.source, gen_fr.data.path, gen_fr.data.cache = "imagefolder", data_dir, False
-  generated = _fr_run(gen_fr, os.path.join(row_dir, "fr"))
+  own_seed = int(config.fr.train.seed)
+  per_seed = []
+  for seed in tuple(config.fr_seeds) or (own_seed,):
+    suffix = "" if seed == own_seed else f"_seed{seed}"
+    real_fr = copy.deepcopy(config.fr)
+    with real_fr.unlocked():
+      real_fr.train.seed = seed
+      real_fr.data.num_identities, real_fr.data.images_per_identity = num_ids, per_id
+      real_fr.data.identity_offset = int(config.real_offset)
+    real = _fr_run(real_fr, os.path.join(workdir, "real" + suffix))
+    preemption.check(f"after the real recipe's run (seed {seed}), before the generated one")
+    if not per_seed:  # once per run: the folder this row's images are linked into
+      link_dataset(chosen, data_dir, config.control, int(config.control_seed))
+    gen_fr = copy.deepcopy(config.fr)
+    with gen_fr.unlocked():
+      gen_fr.train.seed = seed
+      gen_fr.data.source, gen_fr.data.path, gen_fr.data.cache = "imagefolder", data_dir, False
+    generated = _fr_run(gen_fr, os.path.join(row_dir, "fr" + suffix))
+    preemption.check(f"after the generated set's run (seed {seed})")
+    acc_gen, acc_real = generated.get(ACCURACY), real.get(ACCURACY)
+    per_seed.append({
+        "seed": seed, "accuracy_generated": acc_gen, "accuracy_real": acc_real,
+        "accuracy_std_generated": generated.get(ACCURACY + "_std"),
+        "ratio": None if not acc_real or acc_gen is None else acc_gen / acc_real})
   write_sheet(os.path.join(row_dir, "sheet.png"), chosen, config)
 
-  acc_gen, acc_real = generated.get(ACCURACY), real.get(ACCURACY)
   row = {"name": name, "note": config.note, "control": config.control,
          "generated_workdir": gen, "num_ids": num_ids, "images_per_id": per_id,
-         "accuracy_generated": acc_gen, "accuracy_real": acc_real,
-         "accuracy_std_generated": generated.get(ACCURACY + "_std"),
-         "ratio": None if not acc_real or acc_gen is None else acc_gen / acc_real,
+         "seeds": [p["seed"] for p in per_seed], "per_seed": per_seed,
          "sheet": os.path.join("rows", slug, "sheet.png"),
          "generated": _generated_figures(gen)}
+  row.update(summarise(per_seed))
   metrics_lib.write_json(os.path.join(row_dir, "row.json"), row)
   path = os.path.join(workdir, "quality.json")
   rows = [r for r in _json(path).get("rows", []) if r.get("name") != name] + [row]
   metrics_lib.write_json(path, {"rows": rows})
   metrics_lib.atomic_write(os.path.join(workdir, "quality.md"), table(rows).encode())
-  logging.info("quality: %s: FR on generated %.4f, on real %.4f", name, acc_gen or -1,
-               acc_real or -1)
+  logging.info("quality: %s: FR on generated %.4f, on real %.4f (%d seeds)", name,
+               row["accuracy_generated"] or -1, row["accuracy_real"] or -1, len(per_seed))
   return row
