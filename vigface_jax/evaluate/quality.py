@@ -257,6 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   os.makedirs(row_dir, exist_ok=True)
 
   data_dir = os.path.join(row_dir, "data")
+  link_dataset(chosen, data_dir, config.control, int(config.control_seed))
   own_seed = int(config.fr.train.seed)
   per_seed = []
   for seed in tuple(config.fr_seeds) or (own_seed,):
@@ -268,8 +269,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       real_fr.data.identity_offset = int(config.real_offset)
     real = _fr_run(real_fr, os.path.join(workdir, "real" + suffix))
     preemption.check(f"after the real recipe's run (seed {seed}), before the generated one")
-    if not per_seed:  # once per run: the folder this row's images are linked into
-      link_dataset(chosen, data_dir, config.control, int(config.control_seed))
     gen_fr = copy.deepcopy(config.fr)
     with gen_fr.unlocked():
       gen_fr.train.seed = seed
