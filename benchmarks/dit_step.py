@@ -602,7 +602,7 @@ def randomise_zero_init(model: dit.DiT, seed: int) -> None:
 def jax_setup(config: ml_collections.ConfigDict, fill) -> train_step.TrainerStep:
   """The stage-2 trainer's step (`make_train_step` over `dit_loss`), filled by `fill(model)`."""
   mesh = parallel.mesh_from_config(config)
-  schedule = schedules.make_schedule(config.diffusion.schedule, int(config.diffusion.timesteps))
+  schedule = schedules.from_config(config.diffusion)
   loss_fn = functools.partial(dit_train.dit_loss, cfg=config, schedule=schedule)
   return train_step.build(config, mesh, dit_train.create_model(config, fr_info(), NUM_REAL),
                           loss_fn, trainable=stage2.TRAINABLE, fill=fill)

@@ -76,6 +76,45 @@ def test_schedules_match_diffusers(name, diffusers):
   assert s.betas.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("name", ["linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("shift", [0.75, 1.75, 3.0])
+def test_schedule_shift_divides_every_snr_by_shift_squared(name, shift):
+  base = S.make_schedule(name, 1000)
+  shifted = S.make_schedule(name, 1000, shift=shift)
+  t = np.arange(1000)
+  a0 = np.asarray(base.alphas_cumprod, np.float64)
+  a1 = np.asarray(shifted.alphas_cumprod, np.float64)
+  # The closed form in float64 from the base's own betas, to float32 precision everywhere.
+  a64 = np.cumprod(1 - np.asarray(base.betas, np.float64))
+  np.testing.assert_allclose(a1, a64 / (a64 + shift**2 * (1 - a64)), atol=1e-6, rtol=0)
+  # SNR in float32 has relative precision only where neither ᾱ nor 1 − ᾱ is near 0.
+  keep = (a0 > 1e-4) & (a0 < 0.99)
+  np.testing.assert_allclose(S.snr(shifted, t)[keep], (S.snr(base, t) / shift**2)[keep],
+                             rtol=2e-4)
+  # A valid schedule: derived quantities agree with its own betas, noisier (or cleaner) at
+  # every step as the shift says, and the same end points' order.
+  np.testing.assert_allclose(np.cumprod(1 - np.asarray(shifted.betas, np.float64)), a1,
+                             rtol=1e-5, atol=1e-9)
+  assert np.all(np.diff(a1) < 0)
+  assert np.all(a1 < a0) if shift > 1 else np.all(a1 > a0)
+  np.testing.assert_allclose(shifted.sqrt_alphas_cumprod**2
+                             + shifted.sqrt_one_minus_alphas_cumprod**2, 1, atol=1e-6)
+
+
+def test_schedule_shift_of_one_is_the_schedule_and_old_configs_read_unshifted():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  base = S.make_schedule("squaredcos_cap_v2", 1000)
+  assert S.shift_snr(base, 1.0) is base
+  old = ml_collections.ConfigDict({"schedule": "cosine", "timesteps": 1000})  # no shift field
+  np.testing.assert_array_equal(S.from_config(old).alphas_cumprod, base.alphas_cumprod)
+  new = ml_collections.ConfigDict({"schedule": "cosine", "timesteps": 1000,
+                                   "schedule_shift": 2.0})
+  np.testing.assert_allclose(S.snr(S.from_config(new), 500), S.snr(base, 500) / 4, rtol=1e-4)
+  for bad in (0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match="shift"):
+      S.shift_snr(base, bad)
+
+
 def test_schedule_is_a_pytree_with_static_T():
   s = S.linear_schedule(10)
   leaves, treedef = jax.tree_util.tree_flatten(s)

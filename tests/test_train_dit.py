@@ -155,7 +155,9 @@ def test_bad_pose_guidance_names_the_field(tmp_path, scale):
 @pytest.mark.parametrize("field,value", [("sample.sheet_landmarks", 0),
                                          ("evals.identity.identities", -1),
                                          ("sample.batch_size", 0), ("evals.samples.every", -2),
-                                         ("evals.landmarks.shift", -1.0)])
+                                         ("evals.landmarks.shift", -1.0),
+                                         ("diffusion.schedule_shift", 0.0),
+                                         ("diffusion.schedule_shift", -1.75)])
 def test_bad_sample_counts_name_the_field(tmp_path, field, value):
   config = dit_config.get_config("tiny")
   section, key = field.rsplit(".", 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -112,24 +113,55 @@ def cosine_schedule(
   return from_betas(np.asarray(betas, np.float64))
 
 
-def make_schedule(name: str, T: int = 1000, **kwargs) -> Schedule:  # pylint: disable=invalid-name
+def shift_snr(schedule: Schedule, shift: float) -> Schedule:
+  """`schedule` with every step's SNR divided by shift² (shift > 1: noisier at every t).
+
+  The resolution shift of Hoogeboom et al. 2023 ("simple diffusion": shift = resolution / 64
+  keeps a schedule made for 64-pixel images as destructive at a larger one, where neighbouring
+  pixels average the noise away) and of SD3's timestep shift: ᾱ'_t = ᾱ_t / (ᾱ_t + shift²(1 −
+  ᾱ_t)), computed in float64 from the schedule's ᾱ, back to betas and then as `from_betas`.
+  Anything keyed to t (the identity loss's t range, a guidance interval) keeps its t and so
+  meets another noise level; SNR weightings follow the shifted SNR.
+  """
+  shift = float(shift)
+  if not (math.isfinite(shift) and shift > 0):
+    raise ValueError(f"schedule shift must be a finite number > 0, got {shift!r}")
+  if shift == 1.0:
+    return schedule
+  a = np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))
+  a = a / (a + shift**2 * (1.0 - a))
+  return from_betas(1.0 - a / np.concatenate([[1.0], a[:-1]]))
+
+
+def make_schedule(name: str, T: int = 1000, shift: float = 1.0,  # pylint: disable=invalid-name
+                  **kwargs) -> Schedule:
   """A schedule by diffusers' `beta_schedule` name.
 
   Args:
     name: "linear", "scaled_linear", or "cosine" / "squaredcos_cap_v2".
     T: number of training timesteps.
+    shift: SNR shift (`shift_snr`); 1 = the named schedule itself.
     **kwargs: forwarded to the builder (beta_start/beta_end, or s/max_beta).
 
   Returns:
     The schedule.
   """
   if name == "linear":
-    return linear_schedule(T, **kwargs)
-  if name == "scaled_linear":
-    return linear_schedule(T, scaled=True, **kwargs)
-  if name in ("cosine", "squaredcos_cap_v2"):
-    return cosine_schedule(T, **kwargs)
-  raise ValueError(f"unknown schedule {name!r}")
+    schedule = linear_schedule(T, **kwargs)
+  elif name == "scaled_linear":
+    schedule = linear_schedule(T, scaled=True, **kwargs)
+  elif name in ("cosine", "squaredcos_cap_v2"):
+    schedule = cosine_schedule(T, **kwargs)
+  else:
+    raise ValueError(f"unknown schedule {name!r}")
+  return shift_snr(schedule, shift)
+
+
+def from_config(diffusion: Any) -> Schedule:
+  """The schedule a stage-2 config's `diffusion` section names (a run's config.json from before
+  `schedule_shift` existed trained unshifted)."""
+  return make_schedule(diffusion.schedule, int(diffusion.timesteps),
+                       shift=float(diffusion.get("schedule_shift", 1.0)))
 
 
 def snr(schedule: Schedule, t: jax.Array) -> jax.Array:

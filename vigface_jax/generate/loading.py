@@ -139,7 +139,7 @@ def load_stage2(workdir: str, s1: Stage1, mesh: Mesh,
         f"stage2.workdir={workdir} was trained on other stage-1 rows (its config names "
         f"stage1.workdir={trained_on}) than stage1.workdir={s1.workdir}: generate with the "
         "stage 1 the DiT was trained on, or retrain stage 2 on this one")
-  schedule = schedules.make_schedule(config.diffusion.schedule, int(config.diffusion.timesteps))
+  schedule = schedules.from_config(config.diffusion)
   return Stage2Run(workdir=os.path.abspath(workdir), config=config, graphdef=setup.graphdef,
                    params=state.params if weights == "raw" else state_lib.eval_params(state),
                    rest=state.rest,

@@ -130,6 +130,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d = f.sub("diffusion")
   d.choice("schedule", ("cosine", "linear"))
   num_t = d.int("timesteps", 2)
+  d.float("schedule_shift", above=0.0)
   d.choice("prediction", parameterization.KINDS)
   d.choice("weighting", ("none", "min_snr", "snr", "v"))
   d.float("snr_gamma", above=0.0)
@@ -215,7 +216,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           "identities; CASIA-WebFace: 10572)")
   mesh = compile_only.dry_run_mesh(config)
   config = compile_only.for_target(config, mesh)
-  schedule = schedules.make_schedule(config.diffusion.schedule, int(config.diffusion.timesteps))
+  schedule = schedules.from_config(config.diffusion)
   loss_fn = functools.partial(dit_loss, cfg=config, schedule=schedule)
   figures, setup = compile_only.compile_train_step(
       config, mesh=mesh, create_model=create_model(config, info, int(n)), loss_fn=loss_fn,
@@ -249,7 +250,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise config_lib.ConfigError(
         f"the data has {n} identities but stage 1 ({config.stage1.workdir}) has "
         f"{real_rows.shape[0]} real rows: train stage 2 on the data stage 1 was trained on")
-  schedule = schedules.make_schedule(config.diffusion.schedule, int(config.diffusion.timesteps))
+  schedule = schedules.from_config(config.diffusion)
   points = generation.fixed_landmarks(data.source, int(config.sample.sheet_landmarks),
                                       int(config.sample.seed))
   fr_model, _ = embed_lib.load_backbone(config.stage1.workdir)
