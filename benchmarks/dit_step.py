@@ -691,8 +691,7 @@ def build() -> Sides:
   # Built before any step donates the unrolled state: the scanned state copies its weights.
   trainers["scan"] = jax_setup(configs["scan"], fill)
   filled.clear()  # (not `del`: `fill` closes over it)
-  schedule = schedules.make_schedule(configs["jax"].diffusion.schedule,
-                                     int(configs["jax"].diffusion.timesteps))
+  schedule = schedules.from_config(configs["jax"].diffusion)
   tstep = TorchStage2Step(tmodel, tfr, rows, schedule, configs["jax"], device, dtype)
   out: dict[str, Any] = {"params": sum(p.numel() for p in tmodel.parameters()),
                          "tokens": (size // _PATCH.value) ** 2, "hidden": v.hidden,
