@@ -70,6 +70,20 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # Rows of that order skipped first. A tuning run (sampler settings chosen on people the
   # headline never sees) sets row_offset = the headline's num_ids: disjoint rows, same seed.
   config.row_offset = 0
+  # None: each virtual row as stage 1 learnt it (the paper). A share in (0, 1]: each virtual
+  # row projected onto the real rows' principal directions holding that share of their energy,
+  # renormalised (evaluate/prototypes.py project_to_real_span). Stage 1 trains a virtual row
+  # only through real faces' features, which stay in the real rows' span, so its part outside
+  # (the demo's: 73% of its energy in 93 of 128 directions) is its random initialisation, and
+  # the DiT's row projection never learnt it either. The summary records the drawn rows'
+  # distance to the real ones (`row_span`).
+  config.row_span = config_dict.placeholder(float)
+  # With row_span: steps moving each projected row away from the real rows and the other
+  # virtual rows inside the span (prototypes.relax_in_span, ArcFace's logits at s = 32 with
+  # the row as a class no face belongs to, as stage 1 treats it). Projection alone brings a
+  # row nearer its nearest real row (the demo: p99 0.36 -> 0.64, past real rows' median 0.56);
+  # 300 steps take it to 0.33. 0 = projection only.
+  config.row_relax_steps = 0
   config.seed = 0  # noise, poses and row choice derive from it
   config.batch_size = 4 if tiny else (50 if demo else 256)  # images per sampler call (global)
   # Identities per shard: the unit of writing, checksumming and resuming.

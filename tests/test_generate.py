@@ -389,6 +389,47 @@ def test_row_offset_draws_rows_the_headline_never_sees():
   np.testing.assert_array_equal(first, expected)
 
 
+def test_row_span_draws_each_virtual_row_inside_the_real_span():
+  """`row_span` replaces the virtual rows every consumer sees by their projection onto the
+  real rows' span and records how far the drawn rows are from the real ones; unset, the
+  rows are stage 1's own."""
+  from vigface_jax.generate import loading  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  real = np.zeros((40, 12), np.float32)
+  real[:, :4] = rng.normal(size=(40, 4))
+  virtual = rng.normal(size=(30, 12)).astype(np.float32)
+  norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  s1 = loading.Stage1(workdir="s1", config=None, info={}, real=norm(real),
+                      virtual=norm(virtual))
+  config = generate_config.get_config("tiny")
+  config.num_ids = 10
+  same, span = task.project_rows(config, s1)
+  assert same is s1 and span is None
+  config.row_span = 0.999
+  task.validate(config)
+  drawn, span = task.project_rows(config, s1)
+  assert span["dims"] == 4 and span["of"] == 12 and span["energy"] == 0.999
+  np.testing.assert_allclose(drawn.virtual[:, 4:], 0.0, atol=1e-6)
+  np.testing.assert_allclose(drawn.virtual[:, :4], norm(virtual[:, :4]), atol=1e-5)
+  group = task.plan_dataset(config, drawn, None, "w")
+  np.testing.assert_array_equal(group.rows, drawn.virtual[group.row_ids - 40])
+  nearest = (norm(virtual[:, :4]) @ norm(real[:, :4]).T).max(axis=1)
+  assert span["nearest_real_to_virtual"]["max"] == pytest.approx(nearest.max(), abs=1e-5)
+  assert "passed" in span["verdict"]
+  config.row_relax_steps = 100  # then moved away from the real rows, still inside the span
+  relaxed, far = task.project_rows(config, s1)
+  np.testing.assert_allclose(relaxed.virtual[:, 4:], 0.0, atol=1e-6)
+  assert far["relax_steps"] == 100
+  assert far["nearest_real_to_virtual"]["p99"] < span["nearest_real_to_virtual"]["p99"] - 0.05
+  config.row_relax_steps = 0
+  config.rows = "real"  # real rows are drawn as they are
+  assert task.project_rows(config, s1) == (s1, None)
+  for bad in (0.0, 1.5, float("inf")):
+    config.row_span = bad
+    with pytest.raises(config_lib.ConfigError, match="row_span"):
+      task.validate(config)
+
+
 def test_stage2_weights_choose_the_ema_or_the_last_steps_own(runs):
   from vigface_jax import parallel  # pylint: disable=g-import-not-at-top
   from vigface_jax.generate import loading  # pylint: disable=g-import-not-at-top

@@ -141,6 +141,54 @@ def test_real_span_says_where_virtual_rows_live():
                               200)["real_dims"][1] >= 20
 
 
+def test_projection_to_the_real_span_keeps_only_the_trained_part():
+  """Virtual rows = a part inside the real rows' 6-d span + noise outside it: the projection
+  returns exactly the inside part, renormalised; rows with nothing inside are refused."""
+  rng = np.random.default_rng(0)
+  basis = np.linalg.qr(rng.normal(size=(16, 16)))[0]
+  inside, outside = basis[:, :6], basis[:, 6:]
+  real = _normalise(rng.normal(size=(50, 6)) @ inside.T)
+  part = rng.normal(size=(9, 6)) @ inside.T
+  virtual = _normalise(part + 3.0 * rng.normal(size=(9, 10)) @ outside.T)
+  got, directions = prototypes.project_to_real_span(virtual, real, 0.99)
+  dims = directions.shape[1]
+  assert 5 <= dims <= 6  # 99% of 6 isotropic directions' energy
+  assert got.shape == virtual.shape and got.dtype == np.float32
+  if dims == 6:
+    np.testing.assert_allclose(got, _normalise(part), atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+  # The control: before, most of each row's energy was outside; after, none is.
+  assert np.mean(np.sum((virtual @ outside) ** 2, axis=1)) > 0.7
+  assert np.max(np.abs(got @ outside)) < 1e-5
+  for energy in (0.0, 1.5, float("nan")):
+    with pytest.raises(ValueError, match="energy"):
+      prototypes.project_to_real_span(virtual, real, energy)
+  with pytest.raises(ValueError, match="virtual row 1 has no energy"):
+    prototypes.project_to_real_span(np.stack([virtual[0], outside[:, 0]]), real, 0.99)
+
+
+def test_relaxation_moves_rows_away_from_real_ones_inside_the_span():
+  """Rows start near real rows (a planted near-copy among them); relaxing lowers every row's
+  nearest-real cosine, keeps them unit length and inside the span; 0 steps changes nothing."""
+  rng = np.random.default_rng(3)
+  real = np.zeros((60, 10))
+  real[:, :5] = rng.normal(size=(60, 5))
+  real = _normalise(real)
+  virtual = np.zeros((20, 10))
+  virtual[:, :5] = rng.normal(size=(20, 5))
+  virtual[0] = real[7] + 0.01 * virtual[0]  # a near-copy of real row 7
+  virtual = _normalise(virtual)
+  np.testing.assert_allclose(prototypes.relax_in_span(virtual, real, 0), virtual, atol=1e-6)
+  got = prototypes.relax_in_span(virtual, real, 200)
+  before, after = (virtual @ real.T).max(axis=1), (got @ real.T).max(axis=1)
+  assert before[0] > 0.99 and after[0] < 0.9
+  assert after.max() < before.max() and after.mean() < before.mean() - 0.05
+  np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(got[:, 5:], 0.0, atol=1e-6)
+  with pytest.raises(ValueError, match="steps"):
+    prototypes.relax_in_span(virtual, real, -1)
+
+
 def test_duplicated_real_row_fails():
   rows = _orthogonal_case()
   rows[15] = 3.0 * rows[4]  # virtual row 15 is real row 4 (scale is irrelevant)

@@ -263,6 +263,65 @@ def real_span(x: np.ndarray, num_real: int, *, block: int = 4096,
   return out
 
 
+def project_to_real_span(virtual: np.ndarray, real: np.ndarray, energy: float, *,
+                         block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  """`virtual` rows `[k, d]` projected onto the real rows' principal directions holding
+  `energy` of their energy (`real_directions`), renormalised: `(rows [k, d], the directions
+  [d, m] as orthonormal columns)`.
+
+  Stage 1 moves a virtual row only through the ArcFace logits `f · v` of real faces' features
+  `f`, and features stay inside the real rows' span (`benchmarks/row_span.py`), so a virtual
+  row's part outside that span is its random initialisation, never trained; the stage-2 DiT's
+  row projection never received a gradient there either. This keeps the trained part.
+
+  Raises:
+    ValueError: `energy` outside (0, 1], or a row with no energy inside the span.
+  """
+  if not 0.0 < float(energy) <= 1.0:
+    raise ValueError(f"energy={energy} must be in (0, 1]")
+  real = np.asarray(real, np.float32)
+  cumulative, vectors = real_directions(real, real.shape[0], block=block)
+  dims = int(min(np.searchsorted(cumulative, float(energy) - 1e-12) + 1, real.shape[1]))
+  basis = vectors[:, :dims]
+  out = (np.asarray(virtual, np.float64) @ basis) @ basis.T
+  norms = np.linalg.norm(out, axis=1, keepdims=True)
+  if np.any(norms < 1e-6):
+    bad = int(np.flatnonzero(norms[:, 0] < 1e-6)[0])
+    raise ValueError(f"virtual row {bad} has no energy inside the real rows' {dims} principal "
+                     "directions: it cannot be projected")
+  return (out / norms).astype(np.float32), basis
+
+
+def relax_in_span(virtual: np.ndarray, real: np.ndarray, steps: int, *, scale: float = 32.0,
+                  lr: float = 0.05) -> np.ndarray:
+  """`steps` of gradient descent on the sphere moving each of the unit `virtual` rows `[k, d]`
+  away from the unit `real` rows `[n, d]` and from the other virtual rows: the loss of a row
+  is logsumexp(`scale` · its cosines to every real row and every other virtual row) / `scale`
+  (ArcFace's logits at stage 1's scale with the row as a class that no face belongs to, as
+  stage 1 treats virtual rows). The gradient is a combination of the rows themselves, so rows
+  inside the span of `real` (pass real rows projected onto it: the same cosines for rows
+  inside) stay inside it. Host float64;
+  `O(steps · k · (n + k) · d)`, meant for demo-sized heads (the demo's 800 × 1,600 × 128: 300
+  steps in 26 s on 2 CPU cores shared with two other jobs).
+  """
+  if int(steps) < 0:
+    raise ValueError(f"steps={steps} must be ≥ 0")
+  v = np.asarray(virtual, np.float64).copy()
+  r = np.asarray(real, np.float64)
+  n = r.shape[0]
+  for _ in range(int(steps)):
+    logits = np.concatenate([v @ r.T, v @ v.T], axis=1) * float(scale)
+    logits[:, n:][np.diag_indices(v.shape[0])] = -np.inf  # not itself
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    grad = p[:, :n] @ r + p[:, n:] @ v
+    grad -= np.sum(grad * v, axis=1, keepdims=True) * v  # along the sphere
+    v -= float(lr) * grad
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+  return v.astype(np.float32)
+
+
 def _scan(x: np.ndarray, n: int, block: int, *, nearest: bool
           ) -> tuple[dict[str, _PairGroup], dict[str, np.ndarray] | None]:
   """Host scan of `x [C, d]` rows `block` at a time: pair groups and (if `nearest`) per-row

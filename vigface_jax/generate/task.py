@@ -44,6 +44,7 @@ from vigface_jax import parallel
 from vigface_jax import preemption
 from vigface_jax.data import pipeline
 from vigface_jax.diffusion import samplers
+from vigface_jax.evaluate import prototypes
 from vigface_jax.generate import loading
 from vigface_jax.generate import poses as poses_lib
 from vigface_jax.generate import report
@@ -70,6 +71,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   f.int("augment_to", 1)
   f.choice("row_order", ("first", "random"))
   f.int("row_offset", 0)
+  f.float("row_span", above=0.0, most=1.0, optional=True)
+  f.int("row_relax_steps", 0)
   f.int("seed", 0)
   f.int("batch_size", 1)
   f.int("ids_per_shard", 1)
@@ -113,6 +116,26 @@ class Group:
   pose_source: str
   kind: str  # 'virtual' | 'real' | 'fresh'
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def project_rows(config: ml_collections.ConfigDict, s1: loading.Stage1
+                 ) -> tuple[loading.Stage1, dict[str, Any] | None]:
+  """`s1` with its virtual rows inside the real rows' span when `row_span` is set (every
+  consumer then sees the rows drawn), and how far the drawn rows are from the real ones."""
+  energy = config.get("row_span")
+  if energy is None or config.rows != "virtual":
+    return s1, None
+  try:
+    virtual, basis = prototypes.project_to_real_span(s1.virtual, s1.real, float(energy))
+  except ValueError as e:
+    raise config_lib.ConfigError(f"row_span={energy}: {e}") from None
+  steps, dims = int(config.get("row_relax_steps", 0)), basis.shape[1]
+  virtual = prototypes.relax_in_span(virtual, (s1.real @ basis) @ basis.T, steps)
+  sep = prototypes.separability(np.concatenate([s1.real, virtual]), len(s1.real), class_axis=0)
+  return dataclasses.replace(s1, virtual=virtual), {
+      "energy": float(energy), "dims": dims, "of": int(s1.real.shape[1]), "relax_steps": steps,
+      "nearest_real_to_virtual": sep["nearest_real_to_virtual"],
+      "nearest_real_to_real": sep["nearest_real_to_real"], "verdict": sep["verdict"]}
 
 
 def plan_dataset(config: ml_collections.ConfigDict, s1: loading.Stage1, source: Any,
@@ -267,6 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
   tick = time.time()
   s1 = loading.load_stage1(config.stage1.workdir)
+  s1, span = project_rows(config, s1)
   rules = config.sharding_rules
   # Each process draws its own shards on its own devices.
   mesh = parallel.mesh_from_config(config, devices=jax.local_devices())
@@ -293,6 +317,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "images": int(dataset.counts.sum()), "sampler": dataclasses.asdict(drawer.settings),
       "guidance": drawer.guidance, "stage2_step": run2.step, "draw_seconds": timings,
       "devices_per_process": len(jax.local_devices()), "processes": jax.process_count()}
+  if span:
+    summary["row_span"] = span
   summary["drawn_this_run"] = drawn_here  # this process; 0 where a rerun found shards done
   if drawn_here["dataset"]:
     summary["images_per_s"] = float(drawn_here["dataset"] / max(timings["dataset"], 1e-9))
