@@ -235,6 +235,12 @@ def real_directions(x: np.ndarray, num_real: int, *, block: int = 4096
   return np.cumsum(values) / max(values.sum(), 1e-30), vectors
 
 
+def _directions_holding(cumulative: np.ndarray, energy: float) -> int:
+  """How many of the largest principal directions hold `energy` of the energy, given
+  `real_directions`' cumulative shares."""
+  return int(min(np.searchsorted(cumulative, float(energy) - 1e-12) + 1, len(cumulative)))
+
+
 def real_span(x: np.ndarray, num_real: int, *, block: int = 4096,
               energies: tuple[float, ...] = (0.9, 0.99)) -> dict[str, Any]:
   """How much of the row space the real rows fill, and how much of it the virtual rows use.
@@ -253,7 +259,7 @@ def real_span(x: np.ndarray, num_real: int, *, block: int = 4096,
   if n == 0:
     return out
   cumulative, vectors = real_directions(x, n, block=block)
-  dims = [int(min(np.searchsorted(cumulative, q - 1e-12) + 1, dim)) for q in energies]
+  dims = [_directions_holding(cumulative, q) for q in energies]
   out["real_dims"] = dims
   if x.shape[0] > n:
     basis = vectors[:, :dims[-1]]
@@ -281,7 +287,7 @@ def project_to_real_span(virtual: np.ndarray, real: np.ndarray, energy: float, *
     raise ValueError(f"energy={energy} must be in (0, 1]")
   real = np.asarray(real, np.float32)
   cumulative, vectors = real_directions(real, real.shape[0], block=block)
-  dims = int(min(np.searchsorted(cumulative, float(energy) - 1e-12) + 1, real.shape[1]))
+  dims = _directions_holding(cumulative, energy)
   basis = vectors[:, :dims]
   out = (np.asarray(virtual, np.float64) @ basis) @ basis.T
   norms = np.linalg.norm(out, axis=1, keepdims=True)
