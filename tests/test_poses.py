@@ -87,6 +87,18 @@ def test_draw_is_per_image_and_independent_of_batching(procedural, model):
   assert poses.draw("model", 0, [], [], model=model)[0].shape == (0, 5, 2)
 
 
+def test_spread_widens_model_draws_about_the_mean_set(model):
+  labs, idx = np.full(400, 3), np.arange(400)
+  base = poses.draw("model", 7, labs, idx, model=model)[0]
+  wide = poses.draw("model", 7, labs, idx, model=model, spread=1.5)[0]
+  centre = model.mean().astype(np.float32)
+  np.testing.assert_allclose(wide - centre, 1.5 * (base - centre), atol=1e-4)
+  ratio = np.std(wide - centre) / np.std(base - centre)
+  assert abs(ratio - 1.5) < 1e-3
+  np.testing.assert_array_equal(poses.draw("model", 7, labs, idx, model=model, spread=1.0)[0],
+                                base)
+
+
 def test_pool_draws_copy_training_sets_and_name_their_owners(procedural):
   points, labels = procedural
   n = 2000

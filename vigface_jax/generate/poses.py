@@ -276,8 +276,8 @@ def image_rng(seed: int, label: int, index: int) -> np.random.Generator:
 
 
 def draw(source: str, seed: int, labels: Any, indices: Any, *, model: PoseModel | None = None,
-         pool: tuple[Any, Any] | None = None, clip_to_frame: bool = False
-         ) -> tuple[np.ndarray, np.ndarray]:
+         pool: tuple[Any, Any] | None = None, clip_to_frame: bool = False,
+         spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
   """The landmark set of each image `(labels[i], indices[i])`.
 
   Each image draws from its own `image_rng(seed, label, index)`, so drawing images 0..9 at once
@@ -294,6 +294,9 @@ def draw(source: str, seed: int, labels: Any, indices: Any, *, model: PoseModel 
       `source='pool'`.
     clip_to_frame: clip every coordinate into the image `[0, IMAGE_SIZE - 1]` (only model draws
       can leave it; a clipped pool set is no longer an exact copy).
+    spread: `source='model'` only: each set's offset from the mixture's mean set scaled by this
+      (1 = the fitted distribution; > 1 wider poses, for a generator that turns its faces less
+      far than their landmark sets ask).
 
   Returns:
     `(points float32 [n, 5, 2], owner int64 [n])`.
@@ -314,6 +317,9 @@ def draw(source: str, seed: int, labels: Any, indices: Any, *, model: PoseModel 
     u = np.concatenate([a for a, _ in noise]) if noise else np.zeros(0)
     z = np.concatenate([b for _, b in noise]) if noise else np.zeros((0, DIM))
     points = model._transform(u, z)  # pylint: disable=protected-access
+    if spread != 1.0:
+      centre = model.mean().astype(np.float32)
+      points = (centre + np.float32(spread) * (points - centre)).astype(np.float32)
     owner = np.full(len(lab), -1, np.int64)
   elif source == "pool":
     if pool is None:
