@@ -40,7 +40,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     raise ValueError(f"configs/generate.py: unknown variant {args.variant!r}; use one of "
                      f"{variants}")
   demo, tiny = args.variant == "demo", args.variant == "tiny"
-  small = demo or tiny
   config = config_dict.ConfigDict()
   config.task = "generate"
   # The sampler's batch splits over the mesh's batch axes; each process generates its own
@@ -84,6 +83,16 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # row nearer its nearest real row (the demo: p99 0.36 -> 0.64, past real rows' median 0.56);
   # 300 steps take it to 0.33. 0 = projection only.
   config.row_relax_steps = 0
+  # With row_span, after the relaxation: 'span' = each row as projected and relaxed; 'real' =
+  # each coordinate then scaled by the real rows' root-mean-square along that direction
+  # (prototypes.shape_like_real). Projected rows spread their energy evenly over the span
+  # (their initialisation was isotropic) and the relaxation, moving them away from real rows,
+  # pushes them further into the directions real rows use least (the demo's first 10 of 35
+  # directions: 60% of real rows' energy, 27% of projected rows', 16% of relaxed ones'), so
+  # virtual identities differ along directions that barely change a face. 'real' gives them
+  # the real rows' profile back (the demo: 42%) at the cost of nearness to real rows (p99
+  # 0.33 -> 0.55, the real rows' own median nearest other 0.56).
+  config.row_shape = "span"
   config.seed = 0  # noise, poses and row choice derive from it
   config.batch_size = 4 if tiny else (50 if demo else 256)  # images per sampler call (global)
   # Identities per shard: the unit of writing, checksumming and resuming.
@@ -100,6 +109,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.sample.guidance = 4.0  # classifier-free guidance scale (the paper's 4.0)
   config.sample.guidance_interval = config_dict.placeholder(tuple)  # (t_lo, t_hi) or None
   config.sample.guidance_rescale = config_dict.placeholder(float)  # φ, 0 = off
+  # Each image drawn from its identity's row plus this much noise (inside the real rows' span
+  # with row_span), renormalised: cosine ≈ 1/√(1 + jitter²) to the row; 0 = every image of an
+  # identity from the same row (the paper). Aims at images that vary more within an identity.
+  config.sample.row_jitter = 0.0
 
   # Each image's five-point landmark set: 'model' = drawn from a Gaussian mixture fitted on
   # the training data's aligned landmark sets (saved as pose_model.npz; no real person's set
@@ -108,6 +121,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.pose.source = "model"
   config.pose.num_components = 2 if tiny else 8  # mixture components
   config.pose.fit_images = 64 if tiny else 4000  # training landmark sets the model is fitted on
+  # 'model' sets: each set's offset from the mixture's mean scaled by this (1 = the fitted
+  # poses; > 1 asks a generator that turns its faces less far than asked for wider poses).
+  config.pose.spread = 1.0
 
   config.run_audit = True  # audit (and with audit.drop_flagged, filter) before exporting
   # Every field: config_lib.audit_config. The demo's auditor is a configs/fr.py:auditor run.

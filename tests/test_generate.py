@@ -22,6 +22,7 @@ from vigface_jax.data import recordio
 from vigface_jax.data import recordio_writer
 from vigface_jax.diffusion import samplers
 from vigface_jax.diffusion import schedules
+from vigface_jax.evaluate import prototypes
 from vigface_jax.generate import audit_task
 from vigface_jax.generate import sampling
 from vigface_jax.generate import store as store_lib
@@ -403,11 +404,13 @@ def test_row_span_draws_each_virtual_row_inside_the_real_span():
                       virtual=norm(virtual))
   config = generate_config.get_config("tiny")
   config.num_ids = 10
-  same, span = task.project_rows(config, s1)
-  assert same is s1 and span is None
+  same, span, basis = task.project_rows(config, s1)
+  assert same is s1 and span is None and basis is None
   config.row_span = 0.999
   task.validate(config)
-  drawn, span = task.project_rows(config, s1)
+  drawn, span, basis = task.project_rows(config, s1)
+  assert basis.shape == (12, 4)
+  np.testing.assert_allclose(basis[4:], 0.0, atol=1e-6)
   assert span["dims"] == 4 and span["of"] == 12 and span["energy"] == 0.999
   np.testing.assert_allclose(drawn.virtual[:, 4:], 0.0, atol=1e-6)
   np.testing.assert_allclose(drawn.virtual[:, :4], norm(virtual[:, :4]), atol=1e-5)
@@ -417,17 +420,65 @@ def test_row_span_draws_each_virtual_row_inside_the_real_span():
   assert span["nearest_real_to_virtual"]["max"] == pytest.approx(nearest.max(), abs=1e-5)
   assert "passed" in span["verdict"]
   config.row_relax_steps = 100  # then moved away from the real rows, still inside the span
-  relaxed, far = task.project_rows(config, s1)
+  relaxed, far, _ = task.project_rows(config, s1)
   np.testing.assert_allclose(relaxed.virtual[:, 4:], 0.0, atol=1e-6)
   assert far["relax_steps"] == 100
   assert far["nearest_real_to_virtual"]["p99"] < span["nearest_real_to_virtual"]["p99"] - 0.05
+  config.row_shape = "real"  # then given the real rows' energy profile, still in the span
+  task.validate(config)
+  shaped, info, _ = task.project_rows(config, s1)
+  assert info["shape"] == "real"
+  np.testing.assert_allclose(shaped.virtual[:, 4:], 0.0, atol=1e-6)
+  np.testing.assert_allclose(shaped.virtual, prototypes.shape_like_real(
+      relaxed.virtual, s1.real, basis), atol=1e-6)
+  config.row_span = None  # shaping needs a span
+  with pytest.raises(config_lib.ConfigError, match="row_shape='real' needs row_span"):
+    task.project_rows(config, s1)
+  config.row_shape = "round"
+  with pytest.raises(config_lib.ConfigError, match="row_shape"):
+    task.validate(config)
+  config.row_span, config.row_shape = 0.999, "span"
   config.row_relax_steps = 0
   config.rows = "real"  # real rows are drawn as they are
-  assert task.project_rows(config, s1) == (s1, None)
+  assert task.project_rows(config, s1) == (s1, None, None)
   for bad in (0.0, 1.5, float("inf")):
     config.row_span = bad
     with pytest.raises(config_lib.ConfigError, match="row_span"):
       task.validate(config)
+
+
+def test_row_jitter_gives_each_image_its_own_row_near_its_identitys():
+  """Jittered rows: deterministic per (seed, label, index) whatever the batch, at the cosine
+  the scale asks for, inside the span when a basis is given; 0 = the identity's row."""
+  rng = np.random.default_rng(1)
+  d, dims = 64, 8
+  basis = np.linalg.qr(rng.normal(size=(d, dims)))[0]
+  rows = rng.normal(size=(3, dims)) @ basis.T
+  rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+  labels = np.repeat(np.arange(3), 200)
+  indices = np.tile(np.arange(200), 3)
+  np.testing.assert_array_equal(task.jitter_rows(rows[labels], 0, labels, indices, 0.0),
+                                rows[labels])
+  for scale, b in ((0.5, basis), (1.0, None)):
+    out = task.jitter_rows(rows[labels], 0, labels, indices, scale, b)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    cos = np.sum(out * rows[labels], axis=1)
+    assert abs(cos.mean() - 1 / np.sqrt(1 + scale**2)) < 0.05
+    assert cos.std() > 0.01  # each image its own row
+    if b is not None:  # nothing outside the span
+      np.testing.assert_allclose(out - (out @ b) @ b.T, 0.0, atol=1e-5)
+    part = task.jitter_rows(rows[labels[5:9]], 0, labels[5:9], indices[5:9], scale, b)
+    np.testing.assert_array_equal(part, out[5:9])  # batching does not change an image's row
+    other = task.jitter_rows(rows[labels[5:9]], 1, labels[5:9], indices[5:9], scale, b)
+    assert np.abs(other - part).max() > 1e-3  # another seed, other rows
+  config = generate_config.get_config("tiny")
+  for key, bad in (("sample.row_jitter", -0.1), ("pose.spread", 0.0)):
+    c = generate_config.get_config("tiny")
+    sub, field = key.split(".")
+    c[sub][field] = bad
+    with pytest.raises(config_lib.ConfigError, match=field):
+      task.validate(c)
+  task.validate(config)
 
 
 def test_stage2_weights_choose_the_ema_or_the_last_steps_own(runs):

@@ -189,6 +189,31 @@ def test_relaxation_moves_rows_away_from_real_ones_inside_the_span():
     prototypes.relax_in_span(virtual, real, -1)
 
 
+def test_shaping_gives_rows_the_real_rows_energy_profile():
+  """Real rows with most energy in 2 of 6 directions (78%), isotropic rows (a third there):
+  shaped, the rows hold twice the isotropic share there, stay unit and in the span;
+  rows shaped like isotropic real rows are unchanged; a row along unused directions fails."""
+  rng = np.random.default_rng(4)
+  basis = np.linalg.qr(rng.normal(size=(12, 12)))[0][:, :6]
+  weights = np.array([4.0, 4.0, 1.0, 1.0, 1.0, 1.0])
+  real = _normalise((rng.normal(size=(400, 6)) * weights) @ basis.T)
+  rows = _normalise(rng.normal(size=(300, 6)) @ basis.T)
+  share = lambda x: np.mean(np.sum((x @ basis[:, :2]) ** 2, axis=1))
+  got = prototypes.shape_like_real(rows, real, basis)
+  assert share(real) > 0.75 and share(rows) < 0.4 and share(got) > 0.65
+  np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(got - (got @ basis) @ basis.T, 0.0, atol=1e-6)
+  flat = _normalise(np.linalg.qr(rng.normal(size=(6, 6)))[0] @ basis.T)  # equal rms everywhere
+  np.testing.assert_allclose(prototypes.shape_like_real(rows, flat, basis), rows, atol=1e-5)
+  sparse = np.zeros((3, 6))
+  sparse[:, :2] = rng.normal(size=(3, 2))
+  unused = np.zeros((2, 6))
+  unused[:, 2:] = rng.normal(size=(2, 4))  # only where the real rows have nothing
+  with pytest.raises(ValueError, match="row 0 has no energy"):
+    prototypes.shape_like_real(_normalise(unused @ basis.T), _normalise(sparse @ basis.T),
+                               basis)
+
+
 def test_duplicated_real_row_fails():
   rows = _orthogonal_case()
   rows[15] = 3.0 * rows[4]  # virtual row 15 is real row 4 (scale is irrelevant)

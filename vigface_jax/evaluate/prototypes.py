@@ -298,6 +298,28 @@ def project_to_real_span(virtual: np.ndarray, real: np.ndarray, energy: float, *
   return (out / norms).astype(np.float32), basis
 
 
+def shape_like_real(rows: np.ndarray, real: np.ndarray, basis: np.ndarray) -> np.ndarray:
+  """Unit `rows` `[k, d]` inside `basis`'s span `[d, m]` with each coordinate along a basis
+  direction scaled by the real rows' root-mean-square coordinate there (relative to their mean
+  over the directions), renormalised.
+
+  A row projected from an isotropic initialisation spreads its energy evenly over the span's
+  directions, while real rows put most of theirs in the first few (the demo's: 9% in the first
+  of 35, 60% in the first ten, against 2.6% and 27% for projected virtual rows). This gives
+  the rows the real rows' energy profile, so a virtual identity differs from the others along
+  the directions real identities differ most along.
+  """
+  basis = np.asarray(basis, np.float64)
+  coords = np.asarray(rows, np.float64) @ basis
+  rms = np.sqrt(np.mean(np.square(np.asarray(real, np.float64) @ basis), axis=0))
+  out = (coords * (rms / np.sqrt(np.mean(np.square(rms))))) @ basis.T
+  norms = np.linalg.norm(out, axis=1, keepdims=True)
+  if np.any(norms < 1e-9):
+    raise ValueError(f"row {int(np.flatnonzero(norms[:, 0] < 1e-9)[0])} has no energy along "
+                     "the directions the real rows use")
+  return (out / norms).astype(np.float32)
+
+
 def relax_in_span(virtual: np.ndarray, real: np.ndarray, steps: int, *, scale: float = 32.0,
                   lr: float = 0.05) -> np.ndarray:
   """`steps` of gradient descent on the sphere moving each of the unit `virtual` rows `[k, d]`

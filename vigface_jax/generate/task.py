@@ -56,6 +56,8 @@ REQUIRED_FIELDS = ("stage1.workdir", "stage2.workdir")
 FORMATS = ("imagefolder", "recordio", "arrayrecord")
 # Noise streams of the groups: the dataset uses `seed`, each control its own offset.
 GROUP_SEEDS = {"dataset": 0, "leak": 1_000_003, "fresh": 2_000_003, "pool": 3_000_017}
+ROW_SHAPES = ("span", "real")  # with row_span: as projected, or with the real rows' profile
+JITTER_TAG = 0x4A17  # separates the row-jitter stream from the landmark stream of an image
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -73,6 +75,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   f.int("row_offset", 0)
   f.float("row_span", above=0.0, most=1.0, optional=True)
   f.int("row_relax_steps", 0)
+  f.choice("row_shape", ROW_SHAPES)
   f.int("seed", 0)
   f.int("batch_size", 1)
   f.int("ids_per_shard", 1)
@@ -91,8 +94,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if s.get("guidance_interval") is not None:
     s.numbers("guidance_interval", int, length=2)
   s.float("guidance_rescale", 0.0, most=1.0, optional=True)
+  s.float("row_jitter", 0.0)
   p = f.sub("pose")
   p.choice("source", ("model", "pool"))
+  p.float("spread", above=0.0)
   p.int("num_components", 1)
   p.int("fit_images", 1)
   f.bool("run_audit")
@@ -119,23 +124,53 @@ class Group:
 
 
 def project_rows(config: ml_collections.ConfigDict, s1: loading.Stage1
-                 ) -> tuple[loading.Stage1, dict[str, Any] | None]:
+                 ) -> tuple[loading.Stage1, dict[str, Any] | None, np.ndarray | None]:
   """`s1` with its virtual rows inside the real rows' span when `row_span` is set (every
-  consumer then sees the rows drawn), and how far the drawn rows are from the real ones."""
+  consumer then sees the rows drawn), how far the drawn rows are from the real ones, and the
+  span's orthonormal basis `[d, dims]` (None without `row_span`)."""
   energy = config.get("row_span")
+  if energy is None and config.get("row_shape", "span") != "span":
+    raise config_lib.ConfigError(f"row_shape={config.row_shape!r} needs row_span (the span "
+                                 "whose directions it shapes); set row_span=0.99 or "
+                                 "row_shape='span'")
   if energy is None or config.rows != "virtual":
-    return s1, None
+    return s1, None, None
   try:
     virtual, basis = prototypes.project_to_real_span(s1.virtual, s1.real, float(energy))
   except ValueError as e:
     raise config_lib.ConfigError(f"row_span={energy}: {e}") from None
   steps, dims = int(config.get("row_relax_steps", 0)), basis.shape[1]
   virtual = prototypes.relax_in_span(virtual, (s1.real @ basis) @ basis.T, steps)
+  shape = config.get("row_shape", "span")
+  if shape == "real":  # after the relaxation, which moves rows into the real rows' weak directions
+    virtual = prototypes.shape_like_real(virtual, s1.real, basis)
   sep = prototypes.separability(np.concatenate([s1.real, virtual]), len(s1.real), class_axis=0)
   return dataclasses.replace(s1, virtual=virtual), {
       "energy": float(energy), "dims": dims, "of": int(s1.real.shape[1]), "relax_steps": steps,
+      "shape": shape,
       "nearest_real_to_virtual": sep["nearest_real_to_virtual"],
-      "nearest_real_to_real": sep["nearest_real_to_real"], "verdict": sep["verdict"]}
+      "nearest_real_to_real": sep["nearest_real_to_real"], "verdict": sep["verdict"]}, basis
+
+
+def jitter_rows(rows: np.ndarray, seed: int, labels: np.ndarray, indices: np.ndarray,
+                scale: float, basis: np.ndarray | None = None) -> np.ndarray:
+  """Each image's own condition row: its identity's row plus `scale` × a random unit-variance
+  direction (inside `basis`'s span when given, else in the whole space), renormalised, so an
+  image's row keeps cosine ≈ 1/√(1 + scale²) to its identity's. The noise of image `(label,
+  index)` comes from `SeedSequence([seed, label, index, JITTER_TAG])`: independent of
+  batching, sharding and of the image's diffusion noise and landmark set."""
+  rows = np.asarray(rows, np.float32)
+  if scale <= 0:
+    return rows
+  d = rows.shape[1] if basis is None else basis.shape[1]
+  g = np.stack([np.random.default_rng(np.random.SeedSequence(
+      [int(seed), int(a), int(b), JITTER_TAG])).standard_normal(d)
+      for a, b in zip(np.asarray(labels).tolist(), np.asarray(indices).tolist())]) \
+      if len(rows) else np.zeros((0, d))
+  step = g if basis is None else g @ np.asarray(basis, np.float64).T
+  unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+  out = unit + float(scale) * step / np.sqrt(d)
+  return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
 
 def plan_dataset(config: ml_collections.ConfigDict, s1: loading.Stage1, source: Any,
@@ -199,7 +234,8 @@ class Drawer:
   """Draws groups through one compiled sampler on this process's devices."""
 
   def __init__(self, config: ml_collections.ConfigDict, run: loading.Stage2Run, mesh: Any,
-               rules: Any, pose_model: poses_lib.PoseModel, pool: tuple[np.ndarray, np.ndarray]):
+               rules: Any, pose_model: poses_lib.PoseModel, pool: tuple[np.ndarray, np.ndarray],
+               basis: np.ndarray | None = None):
     s2 = run.config.sample
     s = config.sample
     pick = lambda ours, theirs: theirs if ours is None else ours
@@ -221,10 +257,17 @@ class Drawer:
     self.image_format = config.image_format
     self.quality = int(config.jpeg_quality)
     self.pose_model, self.pool = pose_model, pool
+    self.row_jitter = float(s.get("row_jitter", 0.0))
+    self.pose_spread = float(config.pose.get("spread", 1.0))
+    self.basis = basis
 
   def spec(self, group: Group) -> dict[str, Any]:
     """What must match for a rerun to continue a store (else ValueError from the store)."""
     spec = {"counts": [int(c) for c in group.counts]} if len(np.unique(group.counts)) > 1 else {}
+    if self.row_jitter:  # only when set, so stores drawn before these options still resume
+      spec["row_jitter"] = self.row_jitter
+    if self.pose_spread != 1.0:
+      spec["pose_spread"] = self.pose_spread
     return {**spec, "group": group.name, "num_ids": int(len(group.rows)),
             "images_per_id": int(group.counts.max()), "image_format": self.image_format,
             "quality": self.quality, "rows_sha": _digest(group.rows),
@@ -261,8 +304,11 @@ class Drawer:
         indices = np.concatenate([np.arange(c) for c in group.counts[ids]]).astype(np.int64)
         keys = sampling.image_keys(seed, labels, indices)
         points, owner = poses_lib.draw(group.pose_source, seed, labels, indices,
-                                       model=self.pose_model, pool=self.pool)
-        images = self._sample(group.rows[labels], stage2.model_landmarks(points), keys, bar)
+                                       model=self.pose_model, pool=self.pool,
+                                       spread=self.pose_spread)
+        rows = jitter_rows(group.rows[labels], seed, labels, indices, self.row_jitter,
+                           self.basis)
+        images = self._sample(rows, stage2.model_landmarks(points), keys, bar)
         if writing is not None:
           writing.result()  # at most one shard waits for its encoding
         writing = writer.submit(store.write_shard, s, images, labels=labels, indices=indices,
@@ -290,7 +336,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
   tick = time.time()
   s1 = loading.load_stage1(config.stage1.workdir)
-  s1, span = project_rows(config, s1)
+  s1, span, basis = project_rows(config, s1)
   rules = config.sharding_rules
   # Each process draws its own shards on its own devices.
   mesh = parallel.mesh_from_config(config, devices=jax.local_devices())
@@ -302,7 +348,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   fresh = report.fresh_people(config, s1)
   groups = [dataset] + plan_controls(config, s1, dataset, workdir,
                                      None if fresh is None else fresh.rows)
-  drawer = Drawer(config, run2, mesh, rules, pose_model, pool)
+  drawer = Drawer(config, run2, mesh, rules, pose_model, pool, basis)
   timings, drawn_here = {}, {}
   for group in groups:
     preemption.check("between groups, before drawing " + group.name)
@@ -315,7 +361,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary: dict[str, Any] = {
       "task": "generate", "num_ids": int(len(dataset.rows)), "rows": config.rows,
       "images": int(dataset.counts.sum()), "sampler": dataclasses.asdict(drawer.settings),
-      "guidance": drawer.guidance, "stage2_step": run2.step, "draw_seconds": timings,
+      "guidance": drawer.guidance, "row_jitter": drawer.row_jitter,
+      "pose_spread": drawer.pose_spread, "stage2_step": run2.step, "draw_seconds": timings,
       "devices_per_process": len(jax.local_devices()), "processes": jax.process_count()}
   if span:
     summary["row_span"] = span
