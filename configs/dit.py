@@ -130,6 +130,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.diffusion.weighting = "v" if demo else "none"
   config.diffusion.snr_gamma = 5.0  # γ: cap of 'v', γ of 'min_snr'
   config.diffusion.cond_drop = 0.1  # row → zero vector (classifier-free guidance)
+  # What the DiT is conditioned on: 'row' = the image's class-centre row (the paper); 'image' =
+  # the image's own unit stage-1 feature (Arc2Face), a denser condition space holding the
+  # within-identity spread; generation then gives each image its identity's row plus a real
+  # image's residual (configs/generate.py sample.residual_bank). README "Generator quality", Q.
+  config.diffusion.condition = "row"
   config.diffusion.landmark_drop = 0.0  # landmark image → empty image, with this probability
   # ‖f_FR(x̂0) − w‖², 0 to disable. Larger weights buy identity at the cost of the image: the
   # samples become identity-coloured textures that fool the FR network (README "Stage 2").

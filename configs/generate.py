@@ -120,6 +120,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # with row_span), renormalised: cosine ≈ 1/√(1 + jitter²) to the row; 0 = every image of an
   # identity from the same row (the paper). Aims at images that vary more within an identity.
   config.sample.row_jitter = 0.0
+  # For a stage-2 DiT trained with diffusion.condition='image' (its condition is an image's
+  # feature, not a row): this many real training images' stage-1 features are split about
+  # their class rows (cosine a, unit residual u ⟂ row), and each generated image is conditioned
+  # on its identity's row v with a bank entry transplanted, a·v + √(1−a²)·u⊥v: as far from its
+  # row as a real image's feature is from its class's. 0 = condition on the row itself. Ignored
+  # for the paper's row-conditioned DiT. README "Generator quality", lever Q.
+  config.sample.residual_bank = 0 if tiny else 512
 
   # Each image's five-point landmark set: 'model' = drawn from a Gaussian mixture fitted on
   # the training data's aligned landmark sets (saved as pose_model.npz; no real person's set

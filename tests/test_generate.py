@@ -481,6 +481,68 @@ def test_row_jitter_gives_each_image_its_own_row_near_its_identitys():
   task.validate(config)
 
 
+def test_residuals_keep_a_real_images_distance_from_the_row():
+  """split_features recovers e = a·c + √(1−a²)·u; residual_rows gives each image's condition
+  the bank entry's cosine to its row, a unit vector, deterministic per (seed, label, index)
+  whatever the batch; no bank = the rows."""
+  rng = np.random.default_rng(2)
+  d, r = 32, 50
+  centres = rng.normal(size=(r, d))
+  centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+  feats = 3.0 * (centres + 0.6 * rng.normal(size=(r, d)) / np.sqrt(d))  # unnormalised
+  bank = task.split_features(feats, centres, np.arange(r))
+  e = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+  np.testing.assert_allclose(np.sum(e * centres, axis=1), bank.cosines, atol=1e-6)
+  np.testing.assert_allclose(np.sum(bank.residuals * centres, axis=1), 0.0, atol=1e-6)
+  rebuilt = (bank.cosines[:, None] * centres
+             + np.sqrt(1 - bank.cosines[:, None] ** 2) * bank.residuals)
+  np.testing.assert_allclose(rebuilt, e, atol=1e-5)
+  rows = rng.normal(size=(4, d)).astype(np.float32)
+  labels, indices = np.repeat(np.arange(4), 30), np.tile(np.arange(30), 4)
+  np.testing.assert_array_equal(task.residual_rows(rows[labels], None, 0, labels, indices),
+                                rows[labels])
+  out = task.residual_rows(rows[labels], bank, 0, labels, indices)
+  unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+  np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+  cos = np.sum(out * unit[labels], axis=1)
+  # Every image's cosine to its row is one of the bank's real cosines, and they vary.
+  assert np.abs(cos[:, None] - bank.cosines[None]).min(axis=1).max() < 1e-5
+  # Images draw their own entries (30 draws per identity from 50: about 23 distinct each).
+  assert cos.std() > 1e-3 and len(np.unique(np.round(out, 5), axis=0)) > len(out) // 2
+  part = task.residual_rows(rows[labels[7:11]], bank, 0, labels[7:11], indices[7:11])
+  np.testing.assert_array_equal(part, out[7:11])
+  other = task.residual_rows(rows[labels[7:11]], bank, 5, labels[7:11], indices[7:11])
+  assert np.abs(other - part).max() > 1e-3
+
+
+def test_an_image_conditioned_stage2_draws_each_image_from_a_transplanted_residual(
+    runs, generated, tmp_path):
+  """A stage-2 run saying diffusion.condition='image' gets a residual bank (in its summary and
+  store spec) and images other than the row-conditioned draw's; residual_bank=0 = the rows."""
+  s2 = tmp_path / "dit_image"
+  shutil.copytree(runs["stage2"], s2)
+  with open(s2 / "config.json") as f:
+    cfg = json.load(f)
+  cfg["diffusion"]["condition"] = "image"
+  with open(s2 / "config.json", "w") as f:
+    json.dump(cfg, f)
+  base_dir, base = generated
+  config = _config(runs, **{"stage2.workdir": str(s2), "sample.residual_bank": 6,
+                            "run_audit": False, "formats": ("imagefolder",)})
+  for group in ("fresh_ids", "pool_ids", "sheet_ids"):
+    config.checks[group] = 0
+  summary = task.run(config, str(tmp_path / "gen"))
+  assert summary["condition"] == "image" and summary["residual_bank"]["size"] == 6
+  assert 0 < summary["residual_bank"]["cosine_to_row_mean"] <= 1
+  with open(tmp_path / "gen" / "shards" / store_lib.SPEC_FILE) as f:
+    assert len(json.load(f)["residual_bank"]) == 16  # the bank's digest: a rerun must match
+  assert _shard_digests(str(tmp_path / "gen"))[0] != _shard_digests(base_dir)[0]
+  assert base["condition"] == "row" and "residual_bank" not in base
+  config.sample.residual_bank = 0  # same workdir, other conditions: the store refuses
+  with pytest.raises(ValueError, match="residual_bank"):
+    task.run(config, str(tmp_path / "gen"))
+
+
 def test_stage2_weights_choose_the_ema_or_the_last_steps_own(runs):
   from vigface_jax import parallel  # pylint: disable=g-import-not-at-top
   from vigface_jax.generate import loading  # pylint: disable=g-import-not-at-top

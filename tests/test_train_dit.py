@@ -250,6 +250,42 @@ def test_identity_loss_gradient_reaches_the_dit_and_nothing_else():
   assert not any(path[0] in ("fr", "rows") for path, _ in nnx.state(model, trainable).flat_state())
 
 
+def test_image_condition_feeds_each_image_its_own_stage1_feature(monkeypatch):
+  """diffusion.condition='image': the DiT's condition is the image's unit stage-1 feature,
+  whatever the row table holds; 'row' (the paper) reads the table."""
+  from vigface_jax.diffusion import schedules
+  cfg = dit_config.get_config("tiny")
+  cfg.diffusion.cond_drop = 0.0
+  info = {"arch": "tiny", "embed_dim": 32, "input_size": 32}
+  model = dit.create_model(cfg, info, 4)(rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  model.rows[...] = jnp.asarray(rng.normal(size=(4, 32)).astype(np.float32))
+  images = jnp.asarray(rng.integers(0, 256, (2, 112, 112, 3), np.uint8))
+  batch = {"image": images, "label": jnp.asarray([0, 3], jnp.int32),
+           "landmarks": jnp.tile(jnp.asarray(np.asarray(
+               landmarks_lib.ARCFACE_TEMPLATE, np.float32))[None], (2, 1, 1)),
+           "has_landmarks": jnp.asarray([True, True])}
+  seen = []
+  real_denoise = stage2.Stage2.denoise
+  monkeypatch.setattr(stage2.Stage2, "denoise",
+                      lambda self, x, t, cond, ch: seen.append(cond) or real_denoise(
+                          self, x, t, cond, ch))
+  schedule = schedules.make_schedule("cosine", 1000)
+  for condition in ("row", "image"):
+    cfg.diffusion.condition = condition
+    dit.dit_loss(model, batch, jax.random.PRNGKey(3), cfg=cfg, schedule=schedule)
+  row_cond, image_cond = (np.asarray(c) for c in seen)
+  np.testing.assert_allclose(row_cond, np.asarray(model.rows[...])[[0, 3]], rtol=1e-6)
+  emb = np.asarray(model.embed(stage2.to_model_range(images)))
+  np.testing.assert_allclose(image_cond, emb / np.linalg.norm(emb, axis=1, keepdims=True),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(image_cond, axis=1), 1.0, rtol=1e-5)
+  assert np.abs(image_cond[0] - image_cond[1]).max() > 1e-3  # two images, two conditions
+  cfg.diffusion.condition = "pixels"
+  with pytest.raises(config_lib.ConfigError, match="diffusion.condition"):
+    dit.validate(cfg)
+
+
 def test_stage2_draws_at_a_reduced_size_and_samples_in_the_112_frame(stage1, tmp_path):
   config = _tiny(stage1)
   config.model.image_size = 32  # the tiny stage 1 sees 32×32 crops

@@ -44,6 +44,7 @@ from vigface_jax import parallel
 from vigface_jax import preemption
 from vigface_jax.data import pipeline
 from vigface_jax.diffusion import samplers
+from vigface_jax.evaluate import embed as embed_lib
 from vigface_jax.evaluate import prototypes
 from vigface_jax.generate import loading
 from vigface_jax.generate import poses as poses_lib
@@ -58,6 +59,7 @@ FORMATS = ("imagefolder", "recordio", "arrayrecord")
 GROUP_SEEDS = {"dataset": 0, "leak": 1_000_003, "fresh": 2_000_003, "pool": 3_000_017}
 ROW_SHAPES = ("span", "real")  # with row_span: as projected, or with the real rows' profile
 JITTER_TAG = 0x4A17  # separates the row-jitter stream from the landmark stream of an image
+RESIDUAL_TAG = 0x5E51  # the stream choosing each image's residual (condition = 'image')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -95,6 +97,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     s.numbers("guidance_interval", int, length=2)
   s.float("guidance_rescale", 0.0, most=1.0, optional=True)
   s.float("row_jitter", 0.0)
+  s.int("residual_bank", 0)
   p = f.sub("pose")
   p.choice("source", ("model", "pool"))
   p.float("spread", above=0.0)
@@ -173,6 +176,65 @@ def jitter_rows(rows: np.ndarray, seed: int, labels: np.ndarray, indices: np.nda
   return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
 
+@dataclasses.dataclass
+class ResidualBank:
+  """Real training images' stage-1 features split about their class rows (for a DiT trained
+  with `diffusion.condition = 'image'`): feature e_i = a_i · c_{y_i} + √(1 − a_i²) · u_i."""
+
+  cosines: np.ndarray  # [R] a_i = e_i · c_{y_i}
+  residuals: np.ndarray  # [R, d] unit u_i ⟂ c_{y_i}
+  records: np.ndarray  # [R] the training records they came from
+
+  def digest(self) -> str:
+    return _digest(np.concatenate([self.cosines[:, None], self.residuals], axis=1))
+
+
+def residual_bank(config: ml_collections.ConfigDict, s1: loading.Stage1, source: Any
+                  ) -> ResidualBank:
+  """`sample.residual_bank` training images (seeded choice) through the stage-1 network."""
+  size = min(int(config.sample.residual_bank), len(source))
+  records = np.sort(np.random.default_rng([int(config.seed), 13]).choice(
+      len(source), size, replace=False))
+  images, labels, _ = report.read(source, records, desc="residual bank")
+  embed_fn = embed_lib.load_embedder(s1.workdir, batch_size=report.EMBED_BATCH)[0]
+  return split_features(embed_fn(images), s1.real[labels], records)
+
+
+def split_features(features: np.ndarray, centres: np.ndarray, records: np.ndarray
+                   ) -> ResidualBank:
+  """Features `[R, d]` about their class centres `[R, d]` → `ResidualBank`."""
+  e = np.asarray(features, np.float64)
+  e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+  c = np.asarray(centres, np.float64)
+  c /= np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+  a = np.clip(np.sum(e * c, axis=1), -1.0, 1.0)
+  u = e - a[:, None] * c
+  u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+  return ResidualBank(a.astype(np.float32), u.astype(np.float32), np.asarray(records, np.int64))
+
+
+def residual_rows(rows: np.ndarray, bank: ResidualBank | None, seed: int, labels: np.ndarray,
+                  indices: np.ndarray) -> np.ndarray:
+  """Each image's condition for a DiT trained on image features: its identity's unit row v
+  with a bank entry's residual transplanted, a · v + √(1 − a²) · normalise(u − (u·v) v), so the
+  image's condition sits as far from its row as that real image's feature sat from its own
+  class row. The entry of image `(label, index)` comes from
+  `SeedSequence([seed, label, index, RESIDUAL_TAG])` (independent of batching and sharding)."""
+  rows = np.asarray(rows, np.float32)
+  if bank is None or not len(rows):
+    return rows
+  pick = np.asarray([np.random.default_rng(np.random.SeedSequence(
+      [int(seed), int(a), int(b), RESIDUAL_TAG])).integers(len(bank.cosines))
+      for a, b in zip(np.asarray(labels).tolist(), np.asarray(indices).tolist())], np.int64)
+  v = rows.astype(np.float64)
+  v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+  u = bank.residuals[pick].astype(np.float64)
+  u -= np.sum(u * v, axis=1, keepdims=True) * v
+  u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+  a = bank.cosines[pick].astype(np.float64)[:, None]
+  return (a * v + np.sqrt(np.maximum(1.0 - a * a, 0.0)) * u).astype(np.float32)
+
+
 def plan_dataset(config: ml_collections.ConfigDict, s1: loading.Stage1, source: Any,
                  workdir: str) -> Group:
   """The dataset's rows: `num_ids` virtual rows (or real rows in augment mode)."""
@@ -235,7 +297,7 @@ class Drawer:
 
   def __init__(self, config: ml_collections.ConfigDict, run: loading.Stage2Run, mesh: Any,
                rules: Any, pose_model: poses_lib.PoseModel, pool: tuple[np.ndarray, np.ndarray],
-               basis: np.ndarray | None = None):
+               basis: np.ndarray | None = None, bank: ResidualBank | None = None):
     s2 = run.config.sample
     s = config.sample
     pick = lambda ours, theirs: theirs if ours is None else ours
@@ -260,6 +322,7 @@ class Drawer:
     self.row_jitter = float(s.get("row_jitter", 0.0))
     self.pose_spread = float(config.pose.get("spread", 1.0))
     self.basis = basis
+    self.bank = bank
 
   def spec(self, group: Group) -> dict[str, Any]:
     """What must match for a rerun to continue a store (else ValueError from the store)."""
@@ -268,6 +331,8 @@ class Drawer:
       spec["row_jitter"] = self.row_jitter
     if self.pose_spread != 1.0:
       spec["pose_spread"] = self.pose_spread
+    if self.bank is not None:
+      spec["residual_bank"] = self.bank.digest()
     return {**spec, "group": group.name, "num_ids": int(len(group.rows)),
             "images_per_id": int(group.counts.max()), "image_format": self.image_format,
             "quality": self.quality, "rows_sha": _digest(group.rows),
@@ -308,6 +373,7 @@ class Drawer:
                                        spread=self.pose_spread)
         rows = jitter_rows(group.rows[labels], seed, labels, indices, self.row_jitter,
                            self.basis)
+        rows = residual_rows(rows, self.bank, seed, labels, indices)
         images = self._sample(rows, stage2.model_landmarks(points), keys, bar)
         if writing is not None:
           writing.result()  # at most one shard waits for its encoding
@@ -348,7 +414,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   fresh = report.fresh_people(config, s1)
   groups = [dataset] + plan_controls(config, s1, dataset, workdir,
                                      None if fresh is None else fresh.rows)
-  drawer = Drawer(config, run2, mesh, rules, pose_model, pool, basis)
+  bank = None
+  condition = run2.config.diffusion.get("condition", "row")
+  if condition == "image" and int(config.sample.get("residual_bank", 0)):
+    bank = residual_bank(config, s1, train_source)
+  drawer = Drawer(config, run2, mesh, rules, pose_model, pool, basis, bank)
   timings, drawn_here = {}, {}
   for group in groups:
     preemption.check("between groups, before drawing " + group.name)
@@ -366,6 +436,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "devices_per_process": len(jax.local_devices()), "processes": jax.process_count()}
   if span:
     summary["row_span"] = span
+  summary["condition"] = condition
+  if bank is not None:
+    summary["residual_bank"] = {
+        "size": int(len(bank.cosines)), "cosine_to_row_mean": float(bank.cosines.mean()),
+        "cosine_to_row_p05": float(np.percentile(bank.cosines, 5))}
   summary["drawn_this_run"] = drawn_here  # this process; 0 where a rerun found shards done
   if drawn_here["dataset"]:
     summary["images_per_s"] = float(drawn_here["dataset"] / max(timings["dataset"], 1e-9))

@@ -7,7 +7,10 @@ rows are replaced by the zero vector with probability `diffusion.cond_drop` (cla
 guidance). Loss: the denoising MSE (v-prediction by default) plus the identity loss
 `‖f_FR(x̂0) − w‖²` through the frozen stage-1 network on low-noise timesteps. The frozen
 network and the row table ride in the train state's non-optimised part
-(`loop.fit(trainable=...)`), loaded from the stage-1 workdir into a fresh state only.
+(`loop.fit(trainable=...)`), loaded from the stage-1 workdir into a fresh state only. With
+`diffusion.condition = 'image'` the condition (and the identity loss's target) is instead the
+training image's own unit stage-1 feature (Arc2Face's choice), so the DiT also learns what the
+spread of features within an identity looks like; its evaluators still condition on rows.
 
 Writes into the workdir (besides checkpoints, metrics and TensorBoard events) what its
 evaluators (`config.evals`, `evaluate/evaluators.py`) measure: `samples/step_<N>.png` sample
@@ -50,6 +53,7 @@ from vigface_jax.train import optim
 from vigface_jax.train import state as state_lib
 
 STAGE1_COMMAND = "python -m vigface_jax.main --config=configs/fr.py:demo --workdir=<stage-1 dir>"
+CONDITIONS = ("row", "image")  # diffusion.condition: the class's row (the paper) | the image's feature
 EVALUATORS = ("sample_sheet", "identity", "landmark_following", "guidance_sweep")
 REQUIRED_FIELDS = ("data.source", "train.num_steps", "model.variant")
 
@@ -60,7 +64,10 @@ def dit_loss(model: stage2.Stage2, batch: dict[str, jax.Array], rng: jax.Array, 
   d = cfg.diffusion
   x0 = model.to_model_size(stage2.to_model_range(batch["image"]))
   lmk = stage2.landmark_input(batch["landmarks"], batch["has_landmarks"])
-  rows = jnp.take(model.rows[...], batch["label"], axis=0)
+  if d.get("condition", "row") == "image":  # the image's own stage-1 feature (Arc2Face-like)
+    rows = jax.lax.stop_gradient(image_condition(model, batch["image"]))
+  else:
+    rows = jnp.take(model.rows[...], batch["label"], axis=0)
   r_t, r_n, r_c, r_l = jax.random.split(rng, 4)
   b = x0.shape[0]
   t = jax.random.randint(r_t, (b,), 0, schedule.num_timesteps)
@@ -86,6 +93,13 @@ def dit_loss(model: stage2.Stage2, batch: dict[str, jax.Array], rng: jax.Array, 
     metrics["loss_identity"] = id_loss
     loss = loss + weight * id_loss
   return loss, metrics
+
+
+def image_condition(model: stage2.Stage2, images: jax.Array) -> jax.Array:
+  """uint8 aligned faces `[b, 112, 112, 3]` → their unit stage-1 features `[b, d]`: the
+  condition of `diffusion.condition = 'image'` (also the identity loss's target there)."""
+  emb = model.embed(stage2.to_model_range(images)).astype(jnp.float32)
+  return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -135,6 +149,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d.choice("weighting", ("none", "min_snr", "snr", "v"))
   d.float("snr_gamma", above=0.0)
   d.float("cond_drop", 0.0, most=1.0)
+  d.choice("condition", CONDITIONS)
   d.float("landmark_drop", 0.0, most=1.0)
   d.float("id_loss_weight", 0.0)
   d.int("id_loss_max_t", 0)
