@@ -1,10 +1,11 @@
-r"""How much of the generator's usefulness gap is blur, pose, occluders? The usefulness recipe
-on real people, degraded like generated faces.
+r"""How much of the generator's usefulness gap is blur, pose, occluders, background? The
+usefulness recipe on real people, degraded like generated faces.
 
     python -m benchmarks.degraded_real --blur=1.5 --workdir=workdir/degraded_real
     python -m benchmarks.degraded_real --blur=0 --workdir=workdir/degraded_real_clean
     python -m benchmarks.degraded_real --blur=0 --pose_scale=0.2 --workdir=workdir/dr_pose
     python -m benchmarks.degraded_real --blur=0 --no_occluders --workdir=workdir/dr_occ
+    python -m benchmarks.degraded_real --blur=0 --plain_background --workdir=workdir/dr_bg
 
 Writes the quality task's real people (the first 200 procedural identities × 20 images of
 `configs/fr.py:usefulness`, `data.seed` 0) as an ImageFolder, each image brought to the DiT's
@@ -16,7 +17,9 @@ pose or accessory changes: only the sharpness of the training images. `--pose_sc
 renders each image with its own yaw, pitch and roll times s (the generated faces turn 0.2-0.4
 as much as their landmark sets ask: README "Generator quality"), `--no_occluders` without its
 glasses, sunglasses, mask, hand and hair across the face (which come and go between a real
-person's images); everything else about each image is unchanged.
+person's images), `--plain_background` with its background a smooth two-colour gradient (no
+texture field, no clutter shapes: the generated faces sit on smooth murky colour); everything
+else about each image is unchanged.
 """
 
 from __future__ import annotations
@@ -41,13 +44,14 @@ def _define_flags() -> None:
   flags.DEFINE_integer("images_per_id", 20, "Images per identity (20).")
   flags.DEFINE_float("pose_scale", 1.0, "Each image's yaw, pitch and roll times this.")
   flags.DEFINE_bool("no_occluders", False, "Render without glasses, masks, hands, hair across.")
+  flags.DEFINE_bool("plain_background", False, "Background a smooth gradient: no texture, clutter.")
 
 
 _OCCLUDERS = ("glasses", "sunglasses", "mask", "hand", "hair_across")
 
 
 def write_folder(root: str, blur: float, num_ids: int, per_id: int, *, pose_scale: float = 1.0,
-                 occluders: bool = True) -> None:
+                 occluders: bool = True, background: bool = True) -> None:
   """The degraded ImageFolder: `root/<id>/<index>.png`."""
   from vigface_jax.data import faces  # pylint: disable=g-import-not-at-top
   for i in range(num_ids):
@@ -60,6 +64,8 @@ def write_folder(root: str, blur: float, num_ids: int, per_id: int, *, pose_scal
         q[angle] = float(pose_scale) * q[angle]
       if not occluders:
         q.update({name: False for name in _OCCLUDERS})
+      if not background:
+        q.update(bg_tex=0.0, clutter=0, clutter_shapes=q["clutter_shapes"][:0])
       image, _ = faces.render(person, q)
       im = Image.fromarray(np.asarray(image))
       if blur > 0:
@@ -77,12 +83,13 @@ def main(argv: list[str]) -> None:
   from vigface_jax import tasks  # pylint: disable=g-import-not-at-top
   data = os.path.join(workdir, "data")
   write_folder(data, blur, int(f.num_ids), int(f.images_per_id),
-               pose_scale=float(f.pose_scale), occluders=not f.no_occluders)
+               pose_scale=float(f.pose_scale), occluders=not f.no_occluders,
+               background=not f.plain_background)
   config = fr_config.get_config("usefulness")
   config.data.source, config.data.path, config.data.cache = "imagefolder", data, False
   summary = tasks.run(config, os.path.join(workdir, "fr"))
   result = {"blur_sigma_at_48": blur, "pose_scale": float(f.pose_scale),
-            "occluders": not f.no_occluders,
+            "occluders": not f.no_occluders, "background": not f.plain_background,
             "accuracy": summary.get("verify/procedural/accuracy"),
             "accuracy_std": summary.get("verify/procedural/accuracy_std")}
   with open(os.path.join(workdir, "degraded_real.json"), "w") as fh:

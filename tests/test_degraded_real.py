@@ -34,3 +34,15 @@ def test_pose_scale_and_occluders_change_only_what_they_say(tmp_path):
       assert (pose(i, j) > 1) == bool(np.any(load("flat", i, j) != load("same", i, j)))
       assert occluded(i, j) == bool(np.any(load("bare", i, j) != load("same", i, j)))
   assert any(occluded(i, j) for i in range(3) for j in range(4))  # the case is exercised
+
+
+def test_plain_background_changes_the_background_only(tmp_path):
+  degraded_real.write_folder(str(tmp_path / "plain"), 0.0, 3, 4, background=False)
+  load = lambda i, j: np.asarray(Image.open(tmp_path / "plain" / f"{i:04d}" / f"{j:03d}.png"))
+  for i in range(3):
+    for j in range(4):
+      real, plain = faces.render_face(0, i, j)[0], load(i, j)
+      np.testing.assert_array_equal(plain[46:66, 46:66], real[46:66, 46:66])  # the face itself
+      assert np.any(plain != real)  # every image has texture (bg_tex > 0) or clutter to lose
+      if faces.nuisance(0, i, j)["clutter"]:  # a clutter shape gone is a large patch changed
+        assert np.mean(np.any(plain != real, axis=-1)) > 0.05
